@@ -1,0 +1,186 @@
+"""FedDoRA tuner layers: the magnitude/direction split of both LoRA factors on nn.Linear and Conv1D."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from fedlora.tuners.feddora.config import FedDoRAConfig
+from fedlora_kernels import column_norm, feddora_delta_weight, feddora_lora
+
+
+class MagnitudeDirection(nn.Module):
+    """One factor F = V·diag(m/‖V‖_col) stored as its ``direction`` V (rows×cols) and ``magnitude`` m (cols,)."""
+
+    def __init__(self, rows: int, cols: int) -> None:
+        super().__init__()
+        self.direction = nn.Parameter(torch.empty(rows, cols))
+        self.magnitude = nn.Parameter(torch.empty(cols))
+
+    def reset(self, direction_init: str, magnitude_from_norm: bool) -> None:
+        """Initialise V (``kaiming`` uniform as LoRA's A, or ``gaussian`` N(0, 1/rows)) and m (‖V‖_col or 0)."""
+        with torch.no_grad():
+            if direction_init == "gaussian":
+                nn.init.normal_(self.direction, std=1 / self.direction.shape[0])
+            else:
+                nn.init.kaiming_uniform_(self.direction, a=math.sqrt(5))
+            if magnitude_from_norm:
+                self.magnitude.copy_(column_norm(self.direction))
+            else:
+                self.magnitude.zero_()
+
+    def extra_repr(self) -> str:
+        rows, cols = self.direction.shape
+        return f"direction={rows}×{cols}, magnitude={cols}"
+
+
+class FedDoRALayer(BaseTunerLayer):
+    """Holds, per adapter name, ``feddora_A[name]`` (V_A r×k, m_A k) and ``feddora_B[name]`` (V_B d×r, m_B r)."""
+
+    adapter_layer_names = ("feddora_A", "feddora_B")
+    other_param_names = ("r", "lora_alpha", "scaling", "dropout_p", "frozen_tensors")
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.dropout_p: dict[str, float] = {}
+        self.frozen_tensors: dict[str, list[str]] = {}
+        self.feddora_A = nn.ModuleDict({})
+        self.feddora_B = nn.ModuleDict({})
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self.kwargs = kwargs
+
+        base = self.get_base_layer()
+        if isinstance(base, nn.Linear):
+            self.in_features, self.out_features = base.in_features, base.out_features
+        elif isinstance(base, Conv1D):
+            self.in_features, self.out_features = base.weight.shape
+        else:
+            raise TypeError(f"FedDoRA supports nn.Linear and transformers Conv1D base layers, got {type(base)}.")
+
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: float, config: FedDoRAConfig) -> None:
+        """Create (or re-create) adapter ``adapter_name`` with rank ``r`` on this layer."""
+        if r > min(self.in_features, self.out_features):
+            warnings.warn(
+                f"FedDoRA rank {r} exceeds min(in_features={self.in_features}, out_features={self.out_features}); "
+                "the update cannot have full rank r.",
+                stacklevel=2,
+            )
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.scaling[adapter_name] = lora_alpha / (math.sqrt(r) if config.use_rslora else r)
+        self.dropout_p[adapter_name] = config.lora_dropout
+        self.frozen_tensors[adapter_name] = config.tensors_with_role("frozen")
+        self.feddora_A[adapter_name] = MagnitudeDirection(r, self.in_features)
+        self.feddora_B[adapter_name] = MagnitudeDirection(self.out_features, r)
+        self.reset_feddora_parameters(adapter_name, config.init_weights)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def reset_feddora_parameters(self, adapter_name: str, init_weights: bool | str) -> None:
+        """A = V_A (m_A = ‖V_A‖_col); B = 0 (m_B = 0) unless ``init_weights`` is False."""
+        direction_init = "gaussian" if init_weights == "gaussian" else "kaiming"
+        self.feddora_A[adapter_name].reset(direction_init, magnitude_from_norm=True)
+        self.feddora_B[adapter_name].reset("kaiming", magnitude_from_norm=init_weights is False)
+
+    def _freeze_non_trainable_peft_weights(self, adapter_names: str | list[str] | None = None) -> None:
+        """Keep the tensors whose configured role is ``frozen`` out of training, whatever set_adapter enabled."""
+        if adapter_names is None:
+            adapter_names = list(self.frozen_tensors)
+        elif isinstance(adapter_names, str):
+            adapter_names = [adapter_names]
+        for adapter_name in adapter_names:
+            for tensor in self.frozen_tensors.get(adapter_name, ()):
+                factor, param = tensor.split(".")
+                module_dict = getattr(self, f"feddora_{factor}")
+                if adapter_name in module_dict:
+                    getattr(module_dict[adapter_name], param).requires_grad_(False)
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """ΔW = s·B A in the base weight's layout ((d, k), or (k, d) for fan_in_fan_out)."""
+        a, b = self.feddora_A[adapter_name], self.feddora_B[adapter_name]
+        delta = feddora_delta_weight(a.direction, a.magnitude, b.direction, b.magnitude, self.scaling[adapter_name])
+        return delta.T if self.fan_in_fan_out else delta
+
+
+class Linear(nn.Module, FedDoRALayer):
+    """FedDoRA around an ``nn.Linear`` or a transformers ``Conv1D`` (``fan_in_fan_out=True``)."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        config: FedDoRAConfig,
+        r: int,
+        lora_alpha: float,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        FedDoRALayer.__init__(self, base_layer, **kwargs)
+        self.fan_in_fan_out = config.fan_in_fan_out
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, r, lora_alpha, config)
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Add s·B A of each given (default: active) adapter to the base weight."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        base = self.get_base_layer()
+        for adapter_name in adapter_names:
+            if adapter_name not in self.feddora_A:
+                continue
+            with torch.no_grad():
+                delta = self.get_delta_weight(adapter_name).to(base.weight.dtype)
+                merged = base.weight.data + delta
+                if safe_merge and not torch.isfinite(merged).all():
+                    raise ValueError(f"NaNs detected in the merged weights; adapter {adapter_name!r} seems broken.")
+                base.weight.data = merged
+            self.merged_adapters.append(adapter_name)
+
+    def unmerge(self) -> None:
+        """Subtract every merged adapter's s·B A from the base weight again (last merged first)."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        base = self.get_base_layer()
+        while self.merged_adapters:
+            adapter_name = self.merged_adapters.pop()
+            if adapter_name in self.feddora_A:
+                with torch.no_grad():
+                    base.weight.data -= self.get_delta_weight(adapter_name).to(base.weight.dtype)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """base(x) + Σ over active adapters of s·dropout(x) Aᵀ Bᵀ (unless disabled or merged)."""
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        for adapter_name in self.active_adapters:
+            if adapter_name not in self.feddora_A:
+                continue
+            a, b = self.feddora_A[adapter_name], self.feddora_B[adapter_name]
+            result = feddora_lora(
+                self._cast_input_dtype(x, a.direction.dtype),
+                a.direction,
+                a.magnitude,
+                b.direction,
+                b.magnitude,
+                self.scaling[adapter_name],
+                dropout_p=self.dropout_p[adapter_name] if self.training else 0.0,
+                base_out=result,
+            )
+        return result
+
+    def __repr__(self) -> str:
+        return "feddora." + super().__repr__()

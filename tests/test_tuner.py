@@ -1,0 +1,287 @@
+"""FedDoRA as a PEFT adapter: the layer's math, PEFT integration, save/load, merge, several adapters."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from peft import PeftConfig, get_peft_model
+from safetensors.torch import load_file
+from torch import nn
+
+from fedlora import FedDoRAConfig
+from fedlora.tuners.feddora import Linear as FedDoRALinear
+from fedlora_kernels import NORM_EPS, feddora_lora_reference
+from tests.tiny import tiny_gpt2, tiny_llama
+
+TOKENS = torch.tensor([[3, 17, 42, 5, 9, 77, 1], [8, 8, 31, 60, 2, 4, 90]])
+
+
+def explicit_branch(x, va, ma, vb, mb, scaling):
+    """s · x Aᵀ Bᵀ written out from the definition (‖v‖ = sqrt(Σv² + NORM_EPS)), independently of the op."""
+    a = va * (ma / torch.sqrt((va**2).sum(0) + NORM_EPS))
+    b = vb * (mb / torch.sqrt((vb**2).sum(0) + NORM_EPS))
+    return scaling * x @ a.T @ b.T
+
+
+def adapted_linear(k=13, d=11, r=3, dtype=torch.float64, **config_kwargs):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(k, d, dtype=dtype))
+    config = FedDoRAConfig(r=r, lora_alpha=6, target_modules=["0"], init_weights=False, **config_kwargs)
+    return get_peft_model(model, config).to(dtype)
+
+
+@pytest.mark.parametrize("model_fn", [tiny_llama, tiny_gpt2])
+def test_zero_init_equals_base_model_exactly(model_fn):
+    model = model_fn().eval()
+    with torch.no_grad():
+        base_logits = model(TOKENS).logits
+    peft_model = get_peft_model(model, FedDoRAConfig(r=4, target_modules="all-linear"))
+    with torch.no_grad():
+        assert torch.equal(peft_model(TOKENS).logits, base_logits)
+    layer = next(m for m in peft_model.modules() if isinstance(m, FedDoRALinear))
+    a = layer.feddora_A["default"]
+    # A = V_A at init (m_A = ‖V_A‖_col) and B = 0 (m_B = 0).
+    torch.testing.assert_close(a.magnitude, a.direction.norm(dim=0))
+    assert torch.count_nonzero(layer.feddora_B["default"].magnitude) == 0
+    assert torch.all(layer.feddora_B["default"].direction.norm(dim=0) > 0)
+
+
+def test_naming_contract_and_shapes():
+    peft_model = get_peft_model(tiny_llama(), FedDoRAConfig(r=4, target_modules=["q_proj", "down_proj"]))
+    params = dict(peft_model.named_parameters())
+    prefix = "base_model.model.model.layers.0.mlp.down_proj"
+    assert params[f"{prefix}.feddora_A.default.direction"].shape == (4, 48)
+    assert params[f"{prefix}.feddora_A.default.magnitude"].shape == (48,)
+    assert params[f"{prefix}.feddora_B.default.direction"].shape == (32, 4)
+    assert params[f"{prefix}.feddora_B.default.magnitude"].shape == (4,)
+    trainable = {n for n, p in params.items() if p.requires_grad}
+    assert trainable == {n for n in params if ".feddora_" in n}
+    assert len(trainable) == 2 * 2 * 4  # 2 layers × 2 modules × 4 tensors
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_layer_output_matches_formula_in_float64(use_rslora):
+    peft_model = adapted_linear(use_rslora=use_rslora)
+    layer = peft_model.base_model.model[0]
+    a, b = layer.feddora_A["default"], layer.feddora_B["default"]
+    scaling = 6 / (math.sqrt(3) if use_rslora else 3)
+    x = torch.randn(2, 5, 13, dtype=torch.float64)
+    expected = layer.base_layer(x) + explicit_branch(x, a.direction, a.magnitude, b.direction, b.magnitude, scaling)
+    torch.testing.assert_close(peft_model(x), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_gradients_of_all_tensors_match_formula_in_float64():
+    peft_model = adapted_linear()
+    layer = peft_model.base_model.model[0]
+    a, b = layer.feddora_A["default"], layer.feddora_B["default"]
+    params = [a.direction, a.magnitude, b.direction, b.magnitude]
+    x = torch.randn(4, 13, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(4, 11, dtype=torch.float64)
+    got = torch.autograd.grad(peft_model(x), [x, *params], grad_out)
+    expected_out = layer.base_layer(x) + explicit_branch(x, *params, 2.0)
+    expected = torch.autograd.grad(expected_out, [x, *params], grad_out)
+    for name, g, e in zip(["x", "V_A", "m_A", "V_B", "m_B"], got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12, msg=f"gradient of {name}")
+        assert torch.count_nonzero(g) > 0, f"gradient of {name} is zero"
+
+
+def test_gradcheck_op_all_inputs_float64():
+    torch.manual_seed(0)
+    inputs = [
+        torch.randn(3, 2, 6, dtype=torch.float64),
+        torch.randn(2, 6, dtype=torch.float64),
+        torch.rand(6, dtype=torch.float64) + 0.5,
+        torch.randn(5, 2, dtype=torch.float64),
+        torch.rand(2, dtype=torch.float64) + 0.5,
+        torch.randn(3, 2, 5, dtype=torch.float64),
+    ]
+    for t in inputs:
+        t.requires_grad_(True)
+
+    def op(x, va, ma, vb, mb, base_out):
+        return feddora_lora_reference(x, va, ma, vb, mb, 0.7, base_out=base_out)
+
+    assert torch.autograd.gradcheck(op, inputs)
+
+
+def test_frozen_role_is_not_trained_even_after_set_adapter():
+    roles = {"A.direction": "frozen", "B.direction": "shared", "A.magnitude": "personal", "B.magnitude": "frozen"}
+    peft_model = get_peft_model(tiny_llama(), FedDoRAConfig(r=2, target_modules=["q_proj"], tensor_roles=roles))
+    peft_model.set_adapter("default")
+    trainable = {
+        n.split("feddora_")[1].replace(".default.", ".") for n, p in peft_model.named_parameters() if p.requires_grad
+    }
+    assert trainable == {"B.direction", "A.magnitude"}
+
+
+def test_disable_adapter_and_dropout_behaviour():
+    peft_model = adapted_linear(lora_dropout=0.5)
+    x = torch.randn(6, 13, dtype=torch.float64)
+    base = peft_model.base_model.model[0].base_layer(x)
+    with peft_model.disable_adapter():
+        torch.testing.assert_close(peft_model(x), base)
+    peft_model.eval()
+    assert torch.equal(peft_model(x), peft_model(x))
+    peft_model.train()
+    assert not torch.equal(peft_model(x), peft_model(x))
+
+
+@pytest.mark.parametrize("model_fn", [tiny_llama, tiny_gpt2])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 5e-2)])
+def test_merge_unmerge_and_merge_and_unload(model_fn, dtype, tol):
+    model = model_fn().eval().to(dtype)
+    with torch.no_grad():
+        base_logits = model(TOKENS).logits.float()
+    config = FedDoRAConfig(r=4, lora_alpha=8, target_modules="all-linear", init_weights=False)
+    peft_model = get_peft_model(model, config, autocast_adapter_dtype=False).eval()
+    with torch.no_grad():
+        adapted = peft_model(TOKENS).logits.float()
+        assert (adapted - base_logits).abs().max() > 10 * tol
+        peft_model.merge_adapter()
+        torch.testing.assert_close(peft_model(TOKENS).logits.float(), adapted, rtol=tol, atol=tol)
+        peft_model.unmerge_adapter()
+        torch.testing.assert_close(peft_model(TOKENS).logits.float(), adapted, rtol=tol, atol=tol)
+        merged_model = peft_model.merge_and_unload()
+        assert not any("feddora" in n for n, _ in merged_model.named_parameters())
+        torch.testing.assert_close(merged_model(TOKENS).logits.float(), adapted, rtol=tol, atol=tol)
+
+
+def test_several_named_adapters():
+    peft_model = get_peft_model(
+        tiny_llama(), FedDoRAConfig(r=2, target_modules=["q_proj", "v_proj"], init_weights=False)
+    )
+    peft_model.add_adapter("second", FedDoRAConfig(r=3, target_modules=["q_proj"], init_weights=False))
+    peft_model.eval()
+    with torch.no_grad():
+        first = peft_model(TOKENS).logits
+        peft_model.set_adapter("second")
+        second = peft_model(TOKENS).logits
+    assert not torch.allclose(first, second)
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable and all(".second." in n for n in trainable)
+    peft_model.set_adapter("default")
+    peft_model.delete_adapter("second")
+    assert not any(".second." in n for n, _ in peft_model.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(TOKENS).logits, first)
+
+
+def test_save_reload_in_fresh_interpreter_gives_identical_logits(tmp_path):
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    tiny_llama().save_pretrained(base_dir)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    peft_model = get_peft_model(model, FedDoRAConfig(r=4, target_modules="all-linear", init_weights=False)).eval()
+    with torch.no_grad():
+        logits = peft_model(TOKENS).logits
+    peft_model.save_pretrained(adapter_dir)
+
+    saved = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "FEDDORA"
+    assert saved["tensor_roles"]["A.magnitude"] == "personal"
+    keys = load_file(adapter_dir / "adapter_model.safetensors").keys()
+    assert "base_model.model.model.layers.0.self_attn.q_proj.feddora_A.direction" in keys
+    assert isinstance(PeftConfig.from_pretrained(adapter_dir), FedDoRAConfig)
+
+    script = textwrap.dedent(
+        f"""
+        import torch, fedlora
+        from peft import AutoPeftModelForCausalLM, PeftModel
+        from transformers import AutoModelForCausalLM
+        tokens = torch.tensor({TOKENS.tolist()})
+        base = AutoModelForCausalLM.from_pretrained({str(base_dir)!r})
+        model = PeftModel.from_pretrained(base, {str(adapter_dir)!r}).eval()
+        auto = AutoPeftModelForCausalLM.from_pretrained({str(adapter_dir)!r}).eval()
+        with torch.no_grad():
+            torch.save([model(tokens).logits, auto(tokens).logits], {str(tmp_path / "logits.pt")!r})
+        """
+    )
+    subprocess.run([sys.executable, "-c", script], check=True)
+    reloaded, auto = torch.load(tmp_path / "logits.pt")
+    assert torch.equal(reloaded, logits)
+    assert torch.equal(auto, logits)
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    def grads(checkpointing: bool):
+        peft_model = get_peft_model(tiny_llama(), FedDoRAConfig(r=2, target_modules="all-linear", init_weights=False))
+        if checkpointing:
+            peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+            peft_model.enable_input_require_grads()
+        peft_model.train()
+        peft_model(TOKENS, labels=TOKENS).loss.backward()
+        return {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
+
+    plain, checkpointed = grads(False), grads(True)
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_trainer_run_decreases_loss(tmp_path):
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    torch.manual_seed(0)
+    rows = torch.randint(0, 96, (2, 12)).repeat(4, 1)
+    data = Dataset.from_dict({"input_ids": rows.tolist(), "labels": rows.tolist()})
+    peft_model = get_peft_model(tiny_llama(), FedDoRAConfig(r=4, lora_alpha=16, target_modules="all-linear"))
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=8,
+        max_steps=20,
+        learning_rate=5e-2,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+    )
+    trainer = Trainer(model=peft_model, args=args, train_dataset=data)
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 20
+    assert losses[-1] < 0.9 * losses[0]
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"r": 0}, "positive integer"),
+        ({"lora_dropout": 1.5}, "lora_dropout"),
+        ({"bias": "some"}, "bias"),
+        ({"init_weights": "orthogonal"}, "init_weights"),
+        ({"tensor_roles": {"A.direction": "shared"}}, "missing"),
+        (
+            {
+                "tensor_roles": {
+                    **dict.fromkeys(["A.direction", "A.magnitude", "B.direction"], "shared"),
+                    "B.magnitude": "global",
+                }
+            },
+            "values",
+        ),
+        ({"rank_pattern": {"q_proj": -1}}, "rank_pattern"),
+        ({"layers_pattern": "layers"}, "layers_to_transform"),
+    ],
+)
+def test_bad_config_raises_clear_error(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        FedDoRAConfig(**kwargs)
+
+
+def test_unsupported_target_names_module_and_type():
+    with pytest.raises(TypeError, match=r"embed_tokens.*Embedding"):
+        get_peft_model(tiny_llama(), FedDoRAConfig(target_modules=["embed_tokens"]))
+
+
+def test_target_matching_nothing_raises():
+    with pytest.raises(ValueError, match="not found in the base model"):
+        get_peft_model(tiny_llama(), FedDoRAConfig(target_modules=["no_such_module"]))

@@ -1,0 +1,68 @@
+"""Tiny, download-free model and tokenizer builders shared by the tests.
+
+The tokenizer is a byte-level BPE trained on a fixed in-file corpus, so it can encode any text and is identical on
+every run; like Llama's it prepends ``<s>`` and has an EOS but no pad token. The models are randomly initialised
+(seeded) and small enough for CPU tests.
+"""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+BOS, EOS = "<s>", "</s>"
+MAX_POSITIONS = 512
+DEFAULT_VOCAB = 128  # enough for hand-written token ids below 128; pass len(tiny_tokenizer()) for text
+
+_CORPUS = [
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
+    "### Instruction:\nWhat is the capital of France?\n\n### Response:\nThe capital of France is Paris.",
+    "### Instruction:\nSummarize the passage.\n\n### Context:\nVirgin Australia commenced services in 2000.",
+    "Federated learning trains a shared model across many clients without moving their data to a server.",
+    "Low-rank adaptation adds small trainable matrices to the frozen weights of a large language model.",
+    "The quick brown fox jumps over the lazy dog. Numbers like 1, 2, 3 and 2024 appear in text too.",
+    "Classify each of the following as a fruit or a vegetable: apple, carrot, banana, broccoli.",
+    "Give me a list of ideas for a birthday party, and explain why each one would be fun.",
+]
+
+
+def tiny_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
+    """A fresh byte-level BPE tokenizer (BOS ``<s>`` prepended, EOS ``</s>``, deliberately no pad token)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[BOS, EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(_CORPUS, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, tok.token_to_id(BOS))]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS)
+
+
+def tiny_llama(vocab_size: int = DEFAULT_VOCAB, seed: int = 0) -> LlamaForCausalLM:
+    """A randomly initialised (seeded) 2-layer Llama: hidden 32, MLP 48, 4 query / 2 key-value heads."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=MAX_POSITIONS,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
+    return LlamaForCausalLM(config)
+
+
+def tiny_gpt2(vocab_size: int = DEFAULT_VOCAB, seed: int = 0) -> GPT2LMHeadModel:
+    """A randomly initialised (seeded) 2-layer GPT-2: hidden 32, 4 heads."""
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=MAX_POSITIONS, bos_token_id=0, eos_token_id=1
+    )
+    return GPT2LMHeadModel(config)
