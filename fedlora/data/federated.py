@@ -1,0 +1,191 @@
+"""Build the per-client train/test splits the federated engine trains and evaluates on.
+
+:func:`build_federated_data` loads a source (:mod:`fedlora.data.loaders`), optionally caps and tokenises it,
+partitions it across clients (:mod:`fedlora.data.partition`, or one client per file), splits every client into
+train/test, and pools the client test splits into a global test set. Every random step is seeded by
+``DataConfig.seed``, so the same config gives the same clients.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from datasets import Dataset, concatenate_datasets
+from transformers import PreTrainedTokenizerBase
+
+from fedlora.data.loaders import DOLLY_COLUMNS, DOLLY_HUB_ID, load_instruction_dataset, load_natural_instructions
+from fedlora.data.partition import dirichlet_partition, iid_partition, label_partition, sample_indices
+from fedlora.data.tokenization import tokenize_dataset
+
+logger = logging.getLogger(__name__)
+
+Source = Literal["dolly", "natural_instructions", "file"]
+Partition = Literal["dirichlet", "label", "iid", "files"]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the data comes from and how it is split across clients.
+
+    Attributes:
+        source: ``"dolly"`` (hub id or local Dolly .json/.jsonl), ``"natural_instructions"`` (task files) or
+            ``"file"`` (any .json/.jsonl/.csv file or hub id, read through ``columns``).
+        path: a hub id, a file, a directory of NI task files, or a list of files.
+        columns: for ``source="file"``: normalised name → the file's column name (see ``load_instruction_dataset``).
+        partition: ``"dirichlet"`` (label skew, ``alpha``), ``"label"`` (one label per client), ``"iid"`` or
+            ``"files"`` (each file of ``path`` is one client; for NI, each task).
+        num_clients: required for ``dirichlet``/``iid``; for ``label``/``files`` it follows from the data and, if
+            given, must match.
+        alpha: Dirichlet concentration; small = heterogeneous.
+        min_examples: every client must get at least this many examples (before its train/test split).
+        test_fraction: share of each client's examples held out as its test split (at least one example).
+        global_test_size: cap on the pooled global test set (a seeded sample); ``None`` keeps all client tests.
+        max_examples: seeded sample of at most this many examples from each partitioned dataset, i.e. in total,
+            or per client for ``partition="files"``; ``None`` keeps everything.
+        max_length: token budget per example when a tokenizer is given.
+        seed: seeds sampling, partitioning and the train/test splits.
+    """
+
+    source: Source = "dolly"
+    path: str | Path | list[str | Path] = DOLLY_HUB_ID
+    columns: dict[str, str] | None = None
+    partition: Partition = "dirichlet"
+    num_clients: int | None = None
+    alpha: float = 0.5
+    min_examples: int = 10
+    test_fraction: float = 0.1
+    global_test_size: int | None = None
+    max_examples: int | None = None
+    max_length: int = 512
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.source not in ("dolly", "natural_instructions", "file"):
+            raise ValueError(f"unknown data source {self.source!r}; use 'dolly', 'natural_instructions' or 'file'")
+        if self.partition not in ("dirichlet", "label", "iid", "files"):
+            raise ValueError(f"unknown partition {self.partition!r}; use 'dirichlet', 'label', 'iid' or 'files'")
+        if self.columns is not None and self.source != "file":
+            raise ValueError(f"columns only applies to source='file', not {self.source!r}")
+        if self.partition in ("dirichlet", "iid") and self.num_clients is None:
+            raise ValueError(f"partition={self.partition!r} needs num_clients")
+        if not 0 < self.test_fraction < 1:
+            raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
+        for name in ("global_test_size", "max_examples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be positive or None, got {value}")
+
+
+@dataclass(frozen=True)
+class ClientData:
+    """One client's private data; ``num_train_examples`` is its weight in sample-weighted averaging."""
+
+    client_id: str
+    train: Dataset
+    test: Dataset
+
+    @property
+    def num_train_examples(self) -> int:
+        return len(self.train)
+
+
+@dataclass(frozen=True)
+class FederatedData:
+    """All clients plus the global test set (the union of client test splits, possibly sampled down)."""
+
+    clients: list[ClientData]
+    global_test: Dataset
+
+    def client_weights(self) -> list[float]:
+        """Each client's share of all training examples (FedAvg weights), in client order; sums to 1."""
+        sizes = np.array([client.num_train_examples for client in self.clients], dtype=float)
+        return (sizes / sizes.sum()).tolist()
+
+
+def build_federated_data(config: DataConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> FederatedData:
+    """Load, (optionally) tokenise, partition and split the data described by ``config``.
+
+    With a tokenizer every split also has ``input_ids`` and ``labels`` (see ``tokenize_dataset``; the tokenizer
+    gets ``pad = eos`` if it had no pad token); without one, splits hold only the normalised text columns.
+    """
+    named = _load_named_datasets(config)
+    rng = np.random.default_rng(config.seed)
+    if config.max_examples is not None:
+        named = [(name, _sample(ds, config.max_examples, rng)) for name, ds in named]
+    if tokenizer is not None:
+        named = [(name, tokenize_dataset(ds, tokenizer, config.max_length)) for name, ds in named]
+    client_sets = named if config.partition == "files" else _partition(named[0][1], config)
+    _check_client_sizes(client_sets, config)
+
+    clients = []
+    for index, (client_id, dataset) in enumerate(client_sets):
+        train, test = split_train_test(dataset, config.test_fraction, seed=(config.seed, index))
+        clients.append(ClientData(client_id, train, test))
+    global_test = concatenate_datasets([client.test for client in clients])
+    if config.global_test_size is not None:
+        global_test = _sample(global_test, config.global_test_size, rng)
+    logger.info(
+        "%d clients, train sizes %s, global test %d",
+        len(clients),
+        [c.num_train_examples for c in clients],
+        len(global_test),
+    )
+    return FederatedData(clients, global_test)
+
+
+def split_train_test(dataset: Dataset, test_fraction: float, seed: int | tuple[int, ...]) -> tuple[Dataset, Dataset]:
+    """Seeded shuffle-split; the test split gets ``round(test_fraction · n)`` rows but at least one, train ≥ one."""
+    n_test = max(1, round(test_fraction * len(dataset)))
+    if n_test >= len(dataset):
+        raise ValueError(f"cannot split {len(dataset)} examples into non-empty train and test (test={n_test})")
+    order = np.random.default_rng(seed).permutation(len(dataset))
+    return dataset.select(sorted(order[n_test:].tolist())), dataset.select(sorted(order[:n_test].tolist()))
+
+
+def _load_named_datasets(config: DataConfig) -> list[tuple[str, Dataset]]:
+    """One (name, dataset) per client file for ``partition="files"``, else a single pooled dataset."""
+    if config.source == "natural_instructions":
+        named = [(ds[0]["label"], ds) for ds in load_natural_instructions(config.path)]
+    else:
+        paths = [config.path] if isinstance(config.path, str | Path) else list(config.path)
+        if not paths:
+            raise ValueError("DataConfig.path is an empty list")
+        columns = DOLLY_COLUMNS if config.source == "dolly" else config.columns
+        stems = [Path(p).stem for p in paths]
+        names = stems if len(set(stems)) == len(stems) else [str(p) for p in paths]
+        named = [(name, load_instruction_dataset(p, columns)) for name, p in zip(names, paths, strict=True)]
+    if config.partition == "files":
+        return named
+    return [("all", concatenate_datasets([ds for _, ds in named]))]
+
+
+def _partition(dataset: Dataset, config: DataConfig) -> list[tuple[str, Dataset]]:
+    if config.partition == "label":
+        labels = dataset["label"]
+        shares = label_partition(labels, config.num_clients or len(set(labels)))
+        return [(labels[rows[0]], dataset.select(rows)) for rows in shares]
+    if config.partition == "dirichlet":
+        shares = dirichlet_partition(
+            dataset["label"], config.num_clients, config.alpha, config.seed, min_examples=config.min_examples
+        )
+    else:
+        shares = iid_partition(len(dataset), config.num_clients, config.seed)
+    width = len(str(len(shares) - 1))
+    return [(f"client_{i:0{width}d}", dataset.select(rows)) for i, rows in enumerate(shares)]
+
+
+def _check_client_sizes(client_sets: list[tuple[str, Dataset]], config: DataConfig) -> None:
+    if config.partition == "files" and config.num_clients not in (None, len(client_sets)):
+        raise ValueError(f"partition='files' gives {len(client_sets)} clients but num_clients={config.num_clients}")
+    small = {name: len(ds) for name, ds in client_sets if len(ds) < config.min_examples}
+    if small:
+        raise ValueError(f"clients with fewer than min_examples={config.min_examples} examples: {small}")
+
+
+def _sample(dataset: Dataset, size: int, rng: np.random.Generator) -> Dataset:
+    """A seeded sample of at most ``size`` rows, in original order."""
+    return dataset if len(dataset) <= size else dataset.select(sample_indices(len(dataset), size, rng))

