@@ -24,5 +24,9 @@ lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
+# The whole suite on the default backends (native on CPU when built), then the tuner tests forced onto the Triton
+# kernels (CPU interpreter when there is no GPU) and onto the PyTorch reference.
 test: lint
 	$(PY) -m pytest
+	FEDLORA_BACKEND=triton $(PY) -m pytest tests/test_tuner.py
+	FEDLORA_BACKEND=torch $(PY) -m pytest tests/test_tuner.py

@@ -1,0 +1,160 @@
+"""The benchmark harness (benchmarks/kernels.py) on its CPU smoke preset: well-formed rows and reports.
+
+Timings are never asserted, only that every impl produced a row (timed, or skipped with a reason), that the fields
+have the documented types and that the ratios agree with the timings. Triton's CPU interpreter is switched off here
+(it takes a good fraction of a second per call), so ``feddora_triton`` is one of the skipped impls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import importlib
+import inspect
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import kernels, report
+
+FIELD_TYPES = {
+    "impl": str,
+    "mode": str,
+    "n_tokens": int,
+    "in_features": int,
+    "out_features": int,
+    "rank": int,
+    "dtype": str,
+    "ms": (float, type(None)),
+    "peak_mib": type(None),  # on CPU
+    "device": str,
+    "date": str,
+    "ratio_to_base": (float, type(None)),
+    "ratio_to_peft_lora": (float, type(None)),
+    "torch_version": str,
+    "triton_version": (str, type(None)),
+    "skipped_reason": (str, type(None)),
+}
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, Path, list[dict]]:
+    """Exit code, output path and rows of one in-process smoke run (layer cases and end to end) on CPU."""
+    out = tmp_path_factory.mktemp("bench") / "kernels.jsonl"
+    with contextlib.suppress(ImportError):  # jit the kernels under conftest's TRITON_INTERPRET, for later tests
+        importlib.import_module("fedlora_kernels.triton_feddora")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRITON_INTERPRET", "0")
+        patch.delenv(kernels.BACKEND_ENV, raising=False)
+        exit_code = kernels.main(["--preset", "smoke", "--device", "cpu", "--end-to-end", "--out", str(out)])
+    return exit_code, out, report.load_rows(out)
+
+
+def _case(row: dict) -> tuple:
+    return row["mode"], row["n_tokens"], row["in_features"], row["out_features"], row["rank"], row["dtype"]
+
+
+def test_smoke_run_has_no_errors(smoke: tuple[int, Path, list[dict]]) -> None:
+    exit_code, _, rows = smoke
+    assert exit_code == 0
+    assert not [row for row in rows if (row["skipped_reason"] or "").startswith("error:")]
+
+
+def test_rows_are_well_formed(smoke: tuple[int, Path, list[dict]]) -> None:
+    for row in smoke[2]:
+        for field, kind in FIELD_TYPES.items():
+            assert isinstance(row[field], kind), (field, row)
+        dt.datetime.fromisoformat(row["date"])
+        ran = row["skipped_reason"] is None
+        assert ran == (row["ms"] is not None), row
+        assert not ran or row["ms"] > 0, row
+        assert ran or row["skipped_reason"].strip(), row
+
+
+def test_every_impl_has_a_row_per_case_and_mode(smoke: tuple[int, Path, list[dict]]) -> None:
+    rows = smoke[2]
+    layer_rows = [row for row in rows if row["mode"] in kernels.MODES]
+    cases = {_case(row) for row in layer_rows}
+    expected_cases = {
+        (mode, case.n_tokens, case.in_features, case.out_features, case.rank, case.dtype)
+        for case in kernels.PRESETS["smoke"].grids[0].cases()
+        for mode in kernels.MODES
+    }
+    assert cases == expected_cases
+    for case in cases:
+        assert sorted(row["impl"] for row in layer_rows if _case(row) == case) == sorted(kernels.IMPLS)
+    ran = {row["impl"] for row in layer_rows if row["skipped_reason"] is None}
+    assert {"base", "peft_lora", "peft_dora", "feddora_torch"} <= ran
+    e2e = sorted(row["impl"] for row in rows if row["mode"] == kernels.E2E_MODE)
+    assert e2e == sorted(f"e2e_{adapter}" for adapter in kernels.ADAPTERS)
+
+
+def test_ratios_match_the_timings(smoke: tuple[int, Path, list[dict]]) -> None:
+    rows = smoke[2]
+    for row in rows:
+        same_case = {other["impl"]: other["ms"] for other in rows if _case(other) == _case(row)}
+        e2e = row["mode"] == kernels.E2E_MODE
+        for field, reference in (
+            ("ratio_to_base", None if e2e else same_case["base"]),
+            ("ratio_to_peft_lora", same_case["e2e_peft_lora" if e2e else "peft_lora"]),
+        ):
+            if row["ms"] is None or reference is None:
+                assert row[field] is None, (field, row)
+            else:
+                assert math.isclose(row[field], row["ms"] / reference, rel_tol=1e-9), (field, row)
+
+
+def test_markdown_report_lists_every_impl(smoke: tuple[int, Path, list[dict]]) -> None:
+    md = smoke[1].with_suffix(".md").read_text()
+    for impl in [*kernels.IMPLS, *(f"e2e_{adapter}" for adapter in kernels.ADAPTERS)]:
+        assert f"| {impl} |" in md
+
+
+def test_plot_is_written(smoke: tuple[int, Path, list[dict]]) -> None:
+    pytest.importorskip("matplotlib")
+    assert smoke[1].with_suffix(".png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_resume_finds_nothing_left(smoke: tuple[int, Path, list[dict]]) -> None:
+    _, out, rows = smoke
+    cases = kernels.PRESETS["smoke"].grids[0].cases()
+    assert kernels.pending_cases(cases, list(kernels.IMPLS), out, rows[0]["device"]) == []
+    assert kernels.pending_cases(cases, list(kernels.IMPLS), out, "another device") == cases
+
+
+def test_presets_and_overrides() -> None:
+    def cases(*argv: str) -> list[kernels.Case]:
+        args = kernels.parse_args(argv)
+        return kernels.select_cases(kernels.PRESETS[args.preset], args)
+
+    assert [(c.n_tokens, c.in_features, c.out_features) for c in cases("--preset", "targets")] == [
+        (2048, 4096, 4096),
+        (8192, 4096, 4096),
+        (8192, 4096, 11008),
+    ]
+    assert {(c.rank, c.dtype) for c in cases("--preset", "targets")} == {(16, "bf16")}
+    assert len(cases("--preset", "full")) == 5 * 4 * 3 * 2
+    overridden = cases(
+        "--preset", "full", "--shapes", "576x1536", "--tokens", "512", "--ranks", "8", "--dtypes", "fp16"
+    )
+    assert overridden == [kernels.Case(512, 576, 1536, 8, "fp16")]
+
+
+def test_cuda_timing_calls_do_bench_by_its_signature(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA branch of time_ms, with triton's do_bench replaced by a stub that checks the call against it."""
+    testing = pytest.importorskip("triton.testing")
+    signature = inspect.signature(testing.do_bench)
+    calls = []
+
+    def stub(*args, **kwargs) -> float:
+        calls.append(signature.bind(*args, **kwargs).arguments)
+        return 1.5
+
+    monkeypatch.setattr(testing, "do_bench", stub)
+    settings = kernels.Settings(torch.device("cuda"), warmup_ms=25, rep_ms=100, e2e_rep_ms=1000, cpu_compile=False)
+    x = torch.ones(2, requires_grad=True)
+    assert kernels.time_ms(lambda: None, [x], settings, settings.rep_ms) == 1.5
+    assert calls[0]["grad_to_none"] == [x]
+    assert calls[0]["return_mode"] == "median"
