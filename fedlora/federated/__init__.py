@@ -1,0 +1,37 @@
+"""Federated fine-tuning with FedDoRA (FedLoRA-Optimizer, arXiv 2510.11274) and LoRA baselines, in one process.
+
+Flower-style split: :mod:`~fedlora.federated.config` (the run configuration), :mod:`~fedlora.federated.strategy`
+(which tensors are shared, personal or frozen), :mod:`~fedlora.federated.message` (what crosses the wire),
+:mod:`~fedlora.federated.client` (local training and evaluation), :mod:`~fedlora.federated.server` (sampling and
+aggregation), :mod:`~fedlora.federated.aggregation` (weighted averaging, server optimizers),
+:mod:`~fedlora.federated.storage` (run directory, atomic checkpoints), :mod:`~fedlora.federated.report` (metrics,
+table, plot) and :mod:`~fedlora.federated.run` (the loop).
+"""
+
+from fedlora.federated.aggregation import FedAdam, FedAvgM, FedYogi, ServerOptimizer, weighted_average
+from fedlora.federated.client import ClientApp, ClientState
+from fedlora.federated.config import RunConfig, build_config, load_config
+from fedlora.federated.message import FitIns, FitRes
+from fedlora.federated.run import evaluate_run, train
+from fedlora.federated.server import ServerApp
+from fedlora.federated.strategy import STRATEGIES, Strategy
+
+__all__ = [
+    "STRATEGIES",
+    "ClientApp",
+    "ClientState",
+    "FedAdam",
+    "FedAvgM",
+    "FedYogi",
+    "FitIns",
+    "FitRes",
+    "RunConfig",
+    "ServerApp",
+    "ServerOptimizer",
+    "Strategy",
+    "build_config",
+    "evaluate_run",
+    "load_config",
+    "train",
+    "weighted_average",
+]

@@ -1,0 +1,377 @@
+"""The run configuration: a dataclass tree whose defaults are the quickstart, loaded from TOML, YAML or JSON.
+
+Values are layered: the defaults, then a config file (``.toml``, ``.yaml``/``.yml`` or ``.json``), then
+``key.sub=value`` overrides (strings, coerced to each field's type). Unknown keys, values of the wrong type or
+out of range, and unknown strategies raise a ``ValueError`` that names the dotted key.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import types
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import torch
+import yaml
+
+from fedlora.federated.strategy import STRATEGIES
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+DOLLY_SAMPLE_ALIAS = "dolly-sample"
+_NONE_STRINGS = ("none", "null")
+
+_positive = (lambda v: v > 0, "positive")
+_at_least_one = (lambda v: v >= 1, "at least 1")
+_non_negative = (lambda v: v >= 0, "at least 0")
+_unit = (lambda v: 0 <= v < 1, "in [0, 1)")
+
+
+@dataclass
+class ModelSettings:
+    """The base model: a local dir, a hub id, a ``.gguf`` file or the alias ``smollm2-135m-instruct``."""
+
+    name: str = "smollm2-135m-instruct"
+    dtype: str | None = None  # a torch dtype name such as "float32" or "bfloat16"; None lets the loader choose
+
+    rules = {"dtype": (lambda v: isinstance(getattr(torch, v, None), torch.dtype), "a torch dtype name")}
+
+
+@dataclass
+class AdapterSettings:
+    """Adapter shape shared by all strategies (FedDoRA or LoRA, as the strategy requires).
+
+    ``target_modules`` lists module names (suffix match); ``["all-linear"]`` (or the string ``all-linear``)
+    selects every linear layer except the output head.
+    """
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+    rules = {"r": _at_least_one, "alpha": _positive, "dropout": _unit}
+
+
+@dataclass
+class DataSettings:
+    """What :class:`fedlora.data.DataConfig` gets; ``path`` ``dolly-sample`` is the packaged Dolly sample."""
+
+    path: str = DOLLY_SAMPLE_ALIAS
+    source: Literal["dolly", "natural_instructions", "file"] = "dolly"
+    columns: dict[str, str] | None = None
+    partition: Literal["dirichlet", "label", "iid", "files"] = "dirichlet"
+    num_clients: int | None = 4
+    alpha: float = 0.5
+    min_examples: int = 10
+    test_fraction: float = 0.1
+    global_test_size: int | None = 8
+    max_examples: int | None = None
+    max_length: int = 128
+
+    rules = {
+        "num_clients": _at_least_one,
+        "alpha": _positive,
+        "min_examples": _at_least_one,
+        "test_fraction": (lambda v: 0 < v < 1, "in (0, 1)"),
+        "global_test_size": _at_least_one,
+        "max_examples": _at_least_one,
+        "max_length": (lambda v: v >= 2, "at least 2"),
+    }
+
+
+@dataclass
+class ClientSettings:
+    """Local training on each client.
+
+    Every strategy but ``fedlora-opt`` trains its shared and personal tensors jointly for ``steps`` steps at
+    ``lr``. ``fedlora-opt`` runs two stages in ``order``: the local optimizer on the personal tensors
+    (``local_steps`` at ``local_lr``) and the global optimizer on the shared ones (``global_steps`` at
+    ``global_lr``). The optimizer of the personal tensors keeps its state per client across rounds; the one of
+    the shared tensors starts fresh every round. Gradients are clipped to ``max_grad_norm`` (None: no clipping).
+    """
+
+    batch_size: int = 2
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    steps: int = 4
+    lr: float = 5e-3
+    order: Literal["local-first", "global-first"] = "local-first"
+    local_steps: int = 2
+    local_lr: float = 1e-2
+    global_steps: int = 2
+    global_lr: float = 5e-3
+
+    rules = {
+        "batch_size": _at_least_one,
+        "weight_decay": _non_negative,
+        "max_grad_norm": _positive,
+        "steps": _at_least_one,
+        "lr": _positive,
+        "local_steps": _non_negative,
+        "local_lr": _positive,
+        "global_steps": _non_negative,
+        "global_lr": _positive,
+    }
+
+
+@dataclass
+class ServerSettings:
+    """Client sampling and the server optimizer applied to the averaged update (see ``aggregation``)."""
+
+    optimizer: Literal["fedavg", "fedavgm", "fedadam", "fedyogi"] = "fedavg"
+    lr: float = 1.0
+    fraction: float = 1.0
+    momentum: float = 0.9
+    beta1: float = 0.9
+    beta2: float = 0.99
+    tau: float = 1e-3
+
+    rules = {
+        "lr": _positive,
+        "fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
+        "momentum": _unit,
+        "beta1": _unit,
+        "beta2": _unit,
+        "tau": _positive,
+    }
+
+
+@dataclass
+class EvalSettings:
+    """Evaluation after every ``every`` rounds (and after the last): loss, perplexity, and ROUGE-L of greedy
+    generations on a seeded sample of ``rouge_examples`` rows per split (0 disables ROUGE)."""
+
+    every: int = 1
+    batch_size: int = 8
+    rouge_examples: int = 2
+    max_new_tokens: int = 16
+
+    rules = {
+        "every": _at_least_one,
+        "batch_size": _at_least_one,
+        "rouge_examples": _non_negative,
+        "max_new_tokens": _at_least_one,
+    }
+
+
+@dataclass
+class RunConfig:
+    """A whole run. ``seed`` seeds the data split, adapter initialisation, client sampling and data order."""
+
+    strategy: str = "fedlora-opt"
+    rounds: int = 2
+    seed: int = 0
+    device: str = "cpu"
+    output_dir: str | None = None
+    model: ModelSettings = field(default_factory=ModelSettings)
+    adapter: AdapterSettings = field(default_factory=AdapterSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    client: ClientSettings = field(default_factory=ClientSettings)
+    server: ServerSettings = field(default_factory=ServerSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+
+    rules = {"rounds": _at_least_one}
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy: unknown strategy {self.strategy!r}; choose one of {sorted(STRATEGIES)}")
+        if self.client.local_steps + self.client.global_steps == 0:
+            raise ValueError("client.local_steps and client.global_steps cannot both be 0")
+        for section, prefix in _sections(self):
+            for name, (check, description) in section.rules.items():
+                value = getattr(section, name)
+                if value is not None and not check(value):
+                    raise ValueError(f"{prefix}{name} must be {description}; got {value!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The configuration as plain nested dicts (what ``config.yaml`` holds)."""
+        return asdict(self)
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] | Mapping[str, Any] = ()) -> RunConfig:
+    """The defaults, updated by the file at ``path`` (if any), then by ``overrides``.
+
+    ``overrides`` are ``"key.sub=value"`` strings (or a ``{"key.sub": value}`` mapping); string values are
+    coerced to the field's type: ``none``/``null`` for optional fields, comma-separated or JSON lists,
+    JSON objects for mappings.
+    """
+    values = read_config_file(path) if path is not None else {}
+    return build_config(values, overrides)
+
+
+def build_config(values: Mapping[str, Any], overrides: Iterable[str] | Mapping[str, Any] = ()) -> RunConfig:
+    """A validated :class:`RunConfig` from nested ``values`` with dotted ``overrides`` applied on top."""
+    merged = json.loads(json.dumps(values))  # a deep copy of plain data
+    pairs = overrides.items() if isinstance(overrides, Mapping) else (_split_override(o) for o in overrides)
+    for key, value in pairs:
+        _set_dotted(merged, key, value)
+    return _build(RunConfig, merged, "")
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The nested mapping in a ``.toml``, ``.yaml``/``.yml`` or ``.json`` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} not found")
+    suffix = path.suffix.lower()
+    if suffix == ".toml":
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    elif suffix in (".yaml", ".yml"):
+        data = yaml.safe_load(path.read_text()) or {}
+    elif suffix == ".json":
+        data = json.loads(path.read_text())
+    else:
+        raise ValueError(f"config file {path}: unsupported type {suffix!r}; use .toml, .yaml, .yml or .json")
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def save_config(config: RunConfig, path: str | Path) -> None:
+    """Write the resolved configuration as YAML."""
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def config_differences(a: RunConfig, b: RunConfig) -> list[str]:
+    """The dotted keys whose values differ between two configurations."""
+    leaves_a, leaves_b = _leaves(a), _leaves(b)
+    return sorted(key for key in leaves_a if leaves_a[key] != leaves_b[key])
+
+
+def _sections(config: RunConfig) -> list[tuple[Any, str]]:
+    """The root and each settings section, with the prefix of their dotted keys."""
+    nested = [(getattr(config, f.name), f"{f.name}.") for f in fields(config)]
+    return [(config, "")] + [(section, prefix) for section, prefix in nested if is_dataclass(section)]
+
+
+def _leaves(config: RunConfig) -> dict[str, Any]:
+    """Every setting by dotted key."""
+    return {
+        prefix + f.name: getattr(section, f.name)
+        for section, prefix in _sections(config)
+        for f in fields(section)
+        if not is_dataclass(getattr(section, f.name))
+    }
+
+
+def _split_override(override: str) -> tuple[str, str]:
+    key, sep, value = override.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"override {override!r} must look like key.sub=value")
+    return key.strip(), value.strip()
+
+
+def _set_dotted(values: dict[str, Any], key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = values
+    for i, part in enumerate(parents):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ValueError(f"{'.'.join(parents[: i + 1])} is not a section, so {key!r} cannot be set")
+        node = child
+    node[leaf] = value
+
+
+def _build(cls: type, values: Any, prefix: str) -> Any:
+    if not isinstance(values, Mapping):
+        raise ValueError(f"{prefix.rstrip('.') or 'the config'} must be a table/mapping; got {values!r}")
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown config key {prefix + unknown[0]!r}; known keys here: {sorted(known)}")
+    kwargs = {}
+    for name, value in values.items():
+        annotation = hints[name]
+        if is_dataclass(annotation):
+            kwargs[name] = _build(annotation, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, annotation, prefix + name)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """``value`` as an instance of ``annotation`` (strings are parsed), or a ValueError naming ``key``."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin in (Union, types.UnionType):
+        if type(None) in args and (value is None or (isinstance(value, str) and value.lower() in _NONE_STRINGS)):
+            return None
+        (inner,) = [arg for arg in args if arg is not type(None)]
+        return _coerce(value, inner, key)
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"{key} must be one of {list(args)}; got {value!r}")
+        return value
+    coerce = _SCALARS.get(annotation) or _CONTAINERS.get(origin)
+    if coerce is None:
+        raise TypeError(f"{key}: unsupported field type {annotation!r}")
+    try:
+        return coerce(value, args, key)
+    except (TypeError, ValueError) as error:
+        if str(error).startswith(key):
+            raise
+        raise ValueError(f"{key} must be {_describe(annotation)}; got {value!r}") from None
+
+
+def _to_int(value: Any, args: tuple, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(value)
+    return int(value)
+
+
+def _to_float(value: Any, args: tuple, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(value)
+    result = float(value)
+    if math.isnan(result):
+        raise ValueError(value)
+    return result
+
+
+def _to_str(value: Any, args: tuple, key: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(value)
+    return value
+
+
+def _to_list(value: Any, args: tuple, key: str) -> list:
+    if isinstance(value, str):
+        value = json.loads(value) if value.startswith("[") else [item.strip() for item in value.split(",") if item]
+    if not isinstance(value, list):
+        raise ValueError(value)
+    return [_coerce(item, args[0], f"{key}[{i}]") for i, item in enumerate(value)]
+
+
+def _to_dict(value: Any, args: tuple, key: str) -> dict:
+    if isinstance(value, str):
+        value = json.loads(value)
+    if not isinstance(value, dict):
+        raise ValueError(value)
+    return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+
+
+_SCALARS: dict[Any, Callable[[Any, tuple, str], Any]] = {
+    int: _to_int,
+    float: _to_float,
+    str: _to_str,
+}
+_CONTAINERS: dict[Any, Callable[[Any, tuple, str], Any]] = {list: _to_list, dict: _to_dict}
+
+
+def _describe(annotation: Any) -> str:
+    origin = get_origin(annotation)
+    if origin is list:
+        return "a list (or comma-separated string)"
+    if origin is dict:
+        return "a mapping (or JSON object)"
+    return f"a{'n' if annotation is int else ''} {getattr(annotation, '__name__', annotation)}"

@@ -1,0 +1,138 @@
+"""Federated strategies: each is the same loop with its own adapter, tensor roles and two flags.
+
+A strategy names the adapter (FedDoRA or PEFT LoRA) and gives every adapter tensor kind a role:
+
+* ``shared``: trained by the client, sent to the server, averaged (weighted by example counts);
+* ``personal``: trained by the client, never sent; each client keeps its own across rounds;
+* ``frozen``: never trained, never sent (identical on every client: the common initialisation).
+
+``two_stage`` trains personal and shared tensors in separate stages with separate optimizers (FedLoRA-Optimizer);
+otherwise both are trained jointly. ``pooled`` trains one client on the union of all clients' training data.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, ClassVar, Literal
+
+from peft import LoraConfig, PeftConfig
+from torch import nn
+
+from fedlora.tuners.feddora import PAPER_TENSOR_ROLES, FedDoRAConfig
+
+if TYPE_CHECKING:
+    from fedlora.federated.config import AdapterSettings
+
+ROLES = ("shared", "personal", "frozen")
+_KIND_PATTERNS = {
+    "feddora": re.compile(r"\.feddora_(?P<factor>[AB])\.[^.]+\.(?P<part>direction|magnitude)$"),
+    "lora": re.compile(r"\.lora_(?P<factor>[AB])\.[^.]+\.weight$"),
+}
+
+
+class Strategy:
+    """Base class: the adapter type, the role of each tensor kind, and the two loop flags."""
+
+    name: ClassVar[str]
+    adapter: ClassVar[Literal["feddora", "lora"]]
+    roles: ClassVar[Mapping[str, str]]  # tensor kind ("A.direction", ... or "A", "B" for LoRA) -> role
+    two_stage: ClassVar[bool] = False
+    pooled: ClassVar[bool] = False
+
+    def peft_config(self, settings: AdapterSettings) -> PeftConfig:
+        """The PEFT config of this strategy's adapter (FedDoRA configs also record the tensor roles)."""
+        modules = "all-linear" if settings.target_modules == ["all-linear"] else list(settings.target_modules)
+        common = {
+            "r": settings.r,
+            "lora_alpha": settings.alpha,
+            "lora_dropout": settings.dropout,
+            "target_modules": modules,
+            "task_type": "CAUSAL_LM",
+        }
+        if self.adapter == "feddora":
+            return FedDoRAConfig(**common, tensor_roles=dict(self.roles))
+        return LoraConfig(**common)
+
+    def role(self, parameter_name: str) -> str | None:
+        """The role of an adapter parameter, or None for a parameter that is not one of this adapter's tensors."""
+        match = _KIND_PATTERNS[self.adapter].search(parameter_name)
+        if match is None:
+            return None
+        return self.roles[".".join(part for part in match.groups() if part)]
+
+    def tensor_names(self, model: nn.Module) -> dict[str, list[str]]:
+        """The model's adapter parameter names by role (in model order); every role is a key."""
+        names: dict[str, list[str]] = {role: [] for role in ROLES}
+        for name, _ in model.named_parameters():
+            role = self.role(name)
+            if role is not None:
+                names[role].append(name)
+        if not any(names.values()):
+            raise ValueError(f"strategy {self.name!r}: the model has no {self.adapter} adapter tensors")
+        return names
+
+
+class FedLoRAOpt(Strategy):
+    """FedLoRA-Optimizer (arXiv 2510.11274): FedDoRA directions shared (trained by a global optimizer, averaged),
+    magnitudes personal (trained by a local optimizer that keeps its state per client)."""
+
+    name = "fedlora-opt"
+    adapter = "feddora"
+    roles = PAPER_TENSOR_ROLES
+    two_stage = True
+
+
+class FedIT(Strategy):
+    """FedIT (Zhang et al. 2024): LoRA, FedAvg over both lora_A and lora_B."""
+
+    name = "fedit"
+    adapter = "lora"
+    roles = {"A": "shared", "B": "shared"}
+
+
+class FFALoRA(Strategy):
+    """FFA-LoRA (Sun et al. 2024): lora_A frozen at its (common) initialisation, lora_B averaged."""
+
+    name = "ffa-lora"
+    adapter = "lora"
+    roles = {"A": "frozen", "B": "shared"}
+
+
+class FedSALoRA(Strategy):
+    """FedSA-LoRA (Guo et al. 2025): lora_A averaged (general knowledge), lora_B kept by each client."""
+
+    name = "fedsa-lora"
+    adapter = "lora"
+    roles = {"A": "shared", "B": "personal"}
+
+
+class FedDoRA(Strategy):
+    """FedDoRA with plain FedAvg: all four tensors trained jointly and averaged."""
+
+    name = "fed-dora"
+    adapter = "feddora"
+    roles = dict.fromkeys(PAPER_TENSOR_ROLES, "shared")
+
+
+class Local(Strategy):
+    """No communication: every client trains its own FedDoRA adapter (every tensor personal)."""
+
+    name = "local"
+    adapter = "feddora"
+    roles = dict.fromkeys(PAPER_TENSOR_ROLES, "personal")
+
+
+class Centralized(Strategy):
+    """Upper bound: one client trains FedDoRA (all tensors jointly) on the pooled training data of all clients,
+    taking as many steps per round as all clients together."""
+
+    name = "centralized"
+    adapter = "feddora"
+    roles = dict.fromkeys(PAPER_TENSOR_ROLES, "shared")
+    pooled = True
+
+
+STRATEGIES: dict[str, Strategy] = {
+    cls.name: cls() for cls in (FedLoRAOpt, FedIT, FFALoRA, FedSALoRA, FedDoRA, Local, Centralized)
+}
