@@ -27,9 +27,9 @@ lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-# The whole suite on the default backends (native on CPU when built), then the tuner tests forced onto the Triton
-# kernels (CPU interpreter when there is no GPU) and onto the PyTorch reference.
+# The whole suite on the default backends (the PyTorch reference on CPU), then the tuner tests forced onto the
+# Triton kernels (CPU interpreter when there is no GPU) and onto the native extension.
 test: lint
 	$(PY) -m pytest
 	FEDLORA_BACKEND=triton $(PY) -m pytest tests/test_tuner.py
-	FEDLORA_BACKEND=torch $(PY) -m pytest tests/test_tuner.py
+	FEDLORA_BACKEND=native $(PY) -m pytest tests/test_tuner.py
