@@ -1,7 +1,6 @@
 """Runs the README's ```python blocks, in order, each in a fresh interpreter, in one working directory.
 
-Used by ``make demo`` and by tests/test_readme.py, so the README's code is exactly what is executed.
-Usage: ``python -m tests.readme_snippets README.md [WORKDIR]``.
+Used by tests/test_readme.py, so the README's code is exactly what is executed.
 """
 
 from __future__ import annotations
@@ -9,7 +8,6 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 BLOCK = re.compile(r"```python\n(.*?)```", re.DOTALL)
@@ -25,12 +23,3 @@ def run_blocks(readme: Path, workdir: Path) -> None:
     for number, code in enumerate(python_blocks(readme), start=1):
         print(f"--- README python block {number} ---", flush=True)
         subprocess.run([sys.executable, "-c", code], cwd=workdir, check=True)
-
-
-if __name__ == "__main__":
-    readme = Path(sys.argv[1]).resolve()
-    if len(sys.argv) > 2:
-        run_blocks(readme, Path(sys.argv[2]))
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            run_blocks(readme, Path(tmp))
