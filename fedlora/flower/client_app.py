@@ -1,0 +1,138 @@
+"""The Flower ClientApp: one SuperNode's client, running fedlora's :class:`~fedlora.federated.client.ClientApp`.
+
+A SuperNode starts a fresh ClientApp process for every message, so each handler builds the node (model, adapter,
+data; see :mod:`fedlora.flower.node`) and restores the client's state from ``context.state``:
+
+* ``query``: reply the node's client id (the server maps nodes to clients with it);
+* ``train``: load the received shared tensors, run :meth:`ClientApp.fit <fedlora.federated.client.ClientApp.fit>`,
+  keep the personal tensors and local optimizer state in ``context.state``, reply the shared tensors and the
+  number of training examples;
+* ``evaluate``: score the received shared tensors with the node's personal tensors on its test split (and on the
+  global test set, for partition nodes), reply the scores.
+
+Mods: :func:`wire_log_mod` (outermost) records the record keys of every message in and out when the node config
+sets ``wire-log``; :func:`privacy_mod` applies Flower's client-side DP mod the run's ``dp`` setting calls for.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import LocalDpMod, fixedclipping_mod
+from flwr.clientapp.typing import ClientAppCallable
+from torch import Tensor
+
+from fedlora.federated.client import ClientState
+from fedlora.federated.message import FitIns
+from fedlora.flower.config import from_run_config
+from fedlora.flower.node import Node, load_node
+from fedlora.flower.records import (
+    ARRAYS,
+    CLIENT_ID,
+    CONFIG,
+    METRICS,
+    NUM_EXAMPLES,
+    ROUND,
+    load_client_state,
+    save_client_state,
+    to_record,
+    to_tensors,
+)
+
+WIRE_LOG = "wire-log"
+
+
+def wire_log_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Append one JSON line per message received and sent (time, type, round, record names and their keys; never
+    values) to the file named by the node config ``wire-log``, if set."""
+    path = context.node_config.get(WIRE_LOG)
+    if not path:
+        return call_next(msg, context)
+    _log_keys(Path(str(path)), "in", msg)
+    reply = call_next(msg, context)
+    _log_keys(Path(str(path)), "out", reply)
+    return reply
+
+
+def privacy_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's ``fixedclipping_mod`` (``dp = "client-fixed"``) or ``LocalDpMod`` (``dp = "local"``), else nothing."""
+    _, settings = from_run_config(context.run_config)
+    if settings.dp == "client-fixed":
+        return fixedclipping_mod(msg, context, call_next)
+    if settings.dp == "local":
+        mod = LocalDpMod(settings.dp_clipping_norm, settings.dp_sensitivity, settings.dp_epsilon, settings.dp_delta)
+        return mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+app = ClientApp(mods=[wire_log_mod])
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Reply the node's client id (this also checks, before round 1, that the node's model and data load)."""
+    node = _node(context)
+    return Message(RecordDict({CONFIG: ConfigRecord({CLIENT_ID: node.data.client_id})}), reply_to=msg)
+
+
+@app.train(mods=[privacy_mod])
+def train(msg: Message, context: Context) -> Message:
+    """Train the node's client for one round; reply its shared tensors (in the order received) and example count."""
+    node = _node(context)
+    state = _state(node, context)
+    received = msg.content.array_records[ARRAYS]
+    result = node.app.fit(state, FitIns(int(msg.content.config_records[CONFIG][ROUND]), _shared(node, received)))
+    save_client_state(state, context.state)
+    arrays = to_record({name: result.tensors[name] for name in received})
+    metrics = MetricRecord({NUM_EXAMPLES: result.num_examples, **result.metrics})
+    return Message(RecordDict({ARRAYS: arrays, METRICS: metrics}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Score the received shared tensors with the node's personal tensors; reply ``<split>.<metric>`` values."""
+    node = _node(context)
+    datasets = {"local": node.data.test}
+    if node.global_test is not None:
+        datasets["global"] = node.global_test
+    scores = node.app.evaluate(_state(node, context), _shared(node, msg.content.array_records[ARRAYS]), datasets)
+    metrics = MetricRecord({f"{split}.{name}": value for split, row in scores.items() for name, value in row.items()})
+    return Message(RecordDict({METRICS: metrics}), reply_to=msg)
+
+
+def _node(context: Context) -> Node:
+    config, _ = from_run_config(context.run_config)
+    return load_node(config, context.node_config)
+
+
+def _state(node: Node, context: Context) -> ClientState:
+    state = node.app.new_state(node.data)
+    load_client_state(state, context.state)
+    return state
+
+
+def _shared(node: Node, record: ArrayRecord) -> dict[str, Tensor]:
+    """The received tensors, which must be exactly the strategy's shared tensors."""
+    tensors = to_tensors(record)
+    if set(tensors) != set(node.app.names["shared"]):
+        raise ValueError("the server sent tensors that are not this strategy's shared tensors")
+    return tensors
+
+
+def _log_keys(path: Path, direction: str, msg: Message) -> None:
+    entry = {
+        "time": time.time(),
+        "direction": direction,
+        "type": msg.metadata.message_type,
+        "round": msg.metadata.group_id,
+    }
+    if msg.has_error():
+        entry["error"] = msg.error.reason
+    else:
+        entry["records"] = {name: sorted(record) for name, record in msg.content.items()}
+    with path.open("a") as f:
+        f.write(json.dumps(entry) + "\n")

@@ -1,0 +1,385 @@
+"""The Flower app (fedlora.flower).
+
+A real SuperLink and two SuperNodes (separate processes on 127.0.0.1) train 2 rounds of fedlora-opt and end with
+the in-process engine's global adapter, and only shared tensors cross the wire. The same ServerApp and ClientApp
+also run over an in-memory grid (messages serialised as on the wire) for the quicker checks: the DP options, a
+node with its own private data file, configuration round trips.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from flwr.app import Context, Message, RecordDict
+from flwr.cli.config_utils import load_and_validate
+from flwr.supercore.task_identity import TaskIdentity
+from safetensors.torch import load_file
+
+from fedlora.data.samples import DOLLY_SAMPLE
+from fedlora.federated import RunConfig, build_config, train
+from fedlora.flower import FlowerSettings, run_flower, write_app
+from fedlora.flower.client_app import app as client_app
+from fedlora.flower.config import app_run_config, from_run_config, to_run_config
+from fedlora.flower.node import build_adapter, load_node
+from fedlora.flower.server_app import serve
+from tests.tiny import tiny_llama, tiny_tokenizer
+
+FLOWER_TIMEOUT = 360  # seconds the whole Flower run may take before it is stopped (and the test fails)
+TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}  # SuperNodes run torch single-threaded, the reference does not
+PARTITIONS = [{"partition-id": 0, "num-partitions": 2}, {"partition-id": 1, "num-partitions": 2}]
+
+
+# ------------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """The tiny Llama and its tokenizer, saved where every process can load them."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = tiny_tokenizer()
+    tiny_llama(len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory) -> Path:
+    """The first 48 rows of the packaged Dolly sample."""
+    path = tmp_path_factory.mktemp("data") / "dolly48.jsonl"
+    path.write_text("".join(DOLLY_SAMPLE.read_text().splitlines(keepends=True)[:48]))
+    return path
+
+
+def tiny_config(model_dir: Path, data_file: Path, output_dir: Path, *overrides: str) -> RunConfig:
+    """2 clients (IID halves of the data file), 2 rounds of one local and one global step, evaluated after round 2."""
+    base = [
+        f"model.name={model_dir}",
+        f"data.path={data_file}",
+        "data.partition=iid",
+        "data.num_clients=2",
+        "data.min_examples=8",
+        "data.max_length=48",
+        "data.global_test_size=4",
+        "adapter.r=4",
+        "client.batch_size=4",
+        "client.local_steps=1",
+        "client.global_steps=1",
+        "rounds=2",
+        "eval.every=2",
+        "eval.rouge_examples=0",
+        f"output_dir={output_dir}",
+    ]
+    return build_config({}, [*base, *overrides])
+
+
+@pytest.fixture
+def make_config(model_dir, data_file, tmp_path):
+    return lambda name, *overrides: tiny_config(model_dir, data_file, tmp_path / name, *overrides)
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir, data_file, tmp_path_factory) -> Path:
+    """The in-process engine's run of the tiny configuration."""
+    return train(tiny_config(model_dir, data_file, tmp_path_factory.mktemp("reference") / "run"), progress=False)
+
+
+@pytest.fixture(scope="module")
+def roles(model_dir, data_file, tmp_path_factory) -> dict[str, list[str]]:
+    """The adapter's tensor names by role (shared: the directions, personal: the magnitudes)."""
+    return build_adapter(tiny_config(model_dir, data_file, tmp_path_factory.mktemp("unused"))).names
+
+
+def adapter_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "global_adapter/adapter_model.safetensors")
+
+
+def assert_same_run(got: Path, expected: Path) -> None:
+    """The same global adapter (to a tight tolerance) and the same per-client evaluation losses."""
+    got_tensors, expected_tensors = adapter_tensors(got), adapter_tensors(expected)
+    assert set(got_tensors) == set(expected_tensors)
+    for name, value in expected_tensors.items():
+        torch.testing.assert_close(got_tensors[name], value, **TOLERANCE, msg=name)
+    got_rows, expected_rows = eval_rows(got), eval_rows(expected)
+    assert (
+        set(got_rows) == set(expected_rows) == {(s, c) for s in ("global", "local") for c in ("client_0", "client_1")}
+    )
+    for key, row in expected_rows.items():
+        assert got_rows[key]["loss"] == pytest.approx(row["loss"], rel=1e-5)
+    assert not (got / "clients").exists()  # client state stays on the nodes
+
+
+def eval_rows(run_dir: Path) -> dict[tuple[str, str], dict[str, Any]]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {(row["split"], row["client"]): row for row in rows if row["split"] != "train" and "client" in row}
+
+
+def assert_only_shared_tensors_on_the_wire(wire: Path, roles: Mapping[str, list[str]], rounds: int = 2) -> None:
+    """A node's wire log: the expected messages, each tensor record holding exactly the shared tensors, and no
+    personal or frozen tensor name anywhere."""
+    entries = [json.loads(line) for line in wire.read_text().splitlines()]
+    expected = ["query"] + ["train"] * rounds + ["evaluate"]
+    assert [(e["type"], e["direction"]) for e in entries] == [(t, d) for t in expected for d in ("in", "out")]
+    private = set(roles["personal"]) | set(roles["frozen"])
+    for entry in entries:
+        assert "error" not in entry, entry
+        records = entry["records"]
+        assert set(records) <= {"arrays", "config", "metrics"}
+        if entry["type"] == "train" or (entry["type"] == "evaluate" and entry["direction"] == "in"):
+            assert records["arrays"] == sorted(roles["shared"])
+        else:
+            assert "arrays" not in records
+        assert not private & {key for keys in records.values() for key in keys}
+
+
+# ------------------------------------------------------------------------------------------------- in-memory grid
+
+
+class LocalGrid:
+    """A Flower Grid whose nodes run the fedlora ClientApp in this process, each with its own ``context.state``.
+
+    Every message is deflated to bytes and inflated again on its way, as between processes.
+    """
+
+    def __init__(self, run_config: Mapping[str, Any], node_configs: list[dict[str, Any]]) -> None:
+        self.contexts = {
+            node_id: Context(
+                run_id=1, node_id=node_id, node_config=cfg, state=RecordDict(), run_config=dict(run_config)
+            )
+            for node_id, cfg in zip(itertools.count(100), node_configs)
+        }
+        self.replies: dict[str, Message] = {}
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages) -> list[str]:
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = msg.object_id
+            reply = _through_the_wire(client_app(_through_the_wire(msg), self.contexts[msg.metadata.dst_node_id]))
+            reply.metadata.__dict__["_message_id"] = reply.object_id
+            self.replies[msg.metadata.message_id] = reply
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids) -> list[Message]:
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
+
+
+def _through_the_wire(msg: Message) -> Message:
+    children = {child.object_id: child for child in msg.children.values()} if msg.children else None
+    copy = Message.inflate(msg.deflate(), children=children)
+    copy.metadata.__dict__.update(msg.metadata.__dict__)
+    return copy
+
+
+@pytest.fixture
+def serve_locally(monkeypatch):
+    """``serve_locally(config, settings, node_configs)`` runs the Flower ServerApp over a :class:`LocalGrid`."""
+    for name in ("_run_id", "_node_id", "_task_id"):  # the identity of the process that creates messages
+        monkeypatch.setattr(TaskIdentity, name, 1)
+
+    def run(config: RunConfig, settings: FlowerSettings, node_configs: list[dict[str, Any]]) -> Path:
+        run_config = to_run_config(config, settings)
+        return serve(LocalGrid(run_config, node_configs), *from_run_config(run_config))
+
+    return run
+
+
+def test_in_memory_grid_gives_the_in_process_run(reference, make_config, serve_locally, roles, tmp_path):
+    wires = [tmp_path / f"wire-{i}.jsonl" for i in range(2)]
+    nodes = [{**node, "wire-log": str(wire)} for node, wire in zip(PARTITIONS, wires, strict=True)]
+    assert_same_run(serve_locally(make_config("flower"), FlowerSettings(), nodes), reference)
+    for wire in wires:
+        assert_only_shared_tensors_on_the_wire(wire, roles)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        FlowerSettings(dp="server-fixed", dp_noise_multiplier=0.0, dp_clipping_norm=1e-3),
+        FlowerSettings(dp="client-fixed", dp_noise_multiplier=0.0, dp_clipping_norm=1e-3),
+        FlowerSettings(dp="local", dp_sensitivity=0.0, dp_clipping_norm=1e-3),
+    ],
+    ids=lambda settings: settings.dp,
+)
+def test_dp_clips_the_update_of_the_shared_tensors(settings, make_config, serve_locally, roles):
+    """With the noise switched off, every DP mode bounds the change of the global directions by the clipping
+    norm (the update of each client is clipped to it, so their average is too); magnitudes are untouched."""
+    config = make_config("dp", "rounds=1")
+    initial = build_adapter(config).snapshot(roles["shared"] + roles["personal"])
+    run_dir = serve_locally(config, settings, PARTITIONS)
+    final = adapter_tensors(run_dir)
+    initial = {name.replace(".default", ""): value for name, value in initial.items()}
+    shared = [name.replace(".default", "") for name in roles["shared"]]
+    update = torch.cat([(final[n] - initial[n]).flatten() for n in shared])
+    assert 0 < update.norm() <= 1e-3 * (1 + 1e-4)
+    assert all(
+        torch.equal(final[n.replace(".default", "")], initial[n.replace(".default", "")]) for n in roles["personal"]
+    )
+
+
+def test_central_dp_needs_fedavg(make_config, serve_locally):
+    with pytest.raises(ValueError, match="needs server.optimizer=fedavg"):
+        serve_locally(make_config("dp", "server.optimizer=fedadam"), FlowerSettings(dp="client-fixed"), PARTITIONS)
+
+
+def test_node_with_its_own_data_file(make_config, data_file, tmp_path):
+    config = make_config("unused")
+    private = tmp_path / "alice.jsonl"
+    private.write_text("".join(data_file.read_text().splitlines(keepends=True)[:20]))
+    node = load_node(config, {"data-path": str(private)})
+    assert node.data.client_id == "alice" and node.global_test is None
+    assert len(node.data.train) + len(node.data.test) == 20
+    assert load_node(config, {"data-path": str(private), "client-id": "hospital-a"}).data.client_id == "hospital-a"
+    partition = load_node(config, {"partition-id": 1, "num-partitions": 2})
+    assert partition.data.client_id == "client_1" and partition.global_test is not None
+    with pytest.raises(ValueError, match="num-partitions=3"):
+        load_node(config, {"partition-id": 0, "num-partitions": 3})
+    with pytest.raises(ValueError, match="needs --node-config"):
+        load_node(config, {})
+
+
+def test_run_config_round_trip_and_app(make_config, tmp_path):
+    config, settings = make_config("run"), FlowerSettings(min_nodes=3, dp="local", dp_epsilon=2)
+    run_config = to_run_config(config, settings)
+    assert set(run_config) == set(app_run_config())  # every key can be overridden with `flwr run --run-config`
+    assert from_run_config(run_config) == (config, settings)
+    changed, _ = from_run_config({**run_config, "fedlora-set": "rounds=5 client.local_lr=0.5"})
+    assert (changed.rounds, changed.client.local_lr) == (5, 0.5)
+    with pytest.raises(ValueError, match="dp must be one of"):
+        FlowerSettings.from_run_config({"dp": "gaussian"})
+    pyproject, warnings = load_and_validate(write_app(tmp_path / "app") / "pyproject.toml")
+    assert not warnings
+    assert pyproject["tool"]["flwr"]["app"]["config"] == app_run_config()
+
+
+# ------------------------------------------------------------------------------------------------- real processes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, process: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args[0]} exited with {process.returncode}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on port {port} after {timeout} s")
+
+
+class ProcessGroup:
+    """Processes started in sessions of their own; :meth:`stop` ends each one's whole process group (the SuperExec
+    and ClientApp/ServerApp processes they spawn included): SIGTERM, then SIGKILL after a grace period."""
+
+    def __init__(self, directory: Path, env: dict[str, str]) -> None:
+        self.directory, self.env = directory, env
+        self.processes: list[subprocess.Popen] = []
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def start(self, name: str, command: str, *args: str) -> subprocess.Popen:
+        """Start the environment's ``command`` with its own Flower home; output goes to ``<name>.log``."""
+        env = {**self.env, "FLWR_HOME": str(self.directory / f"{name}-home")}
+        executable = str(Path(sys.executable).with_name(command))
+        with (self.directory / f"{name}.log").open("w") as log:
+            process = subprocess.Popen(
+                [executable, *args], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        self.processes.append(process)
+        return process
+
+    def stop(self, grace: float = 5.0) -> None:
+        for process in self.processes:
+            _signal_group(process, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for process in self.processes:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            _signal_group(process, signal.SIGKILL)  # whatever is left in the group
+            process.wait()
+
+    def tail(self, lines: int = 40) -> str:
+        logs = sorted(self.directory.glob("*.log"))
+        return "\n".join(f"--- {log.name}\n" + "\n".join(log.read_text().splitlines()[-lines:]) for log in logs)
+
+
+def _signal_group(process: subprocess.Popen, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, sig)
+
+
+@pytest.fixture
+def federation(tmp_path, monkeypatch) -> Iterator[tuple[str, list[Path]]]:
+    """A SuperLink and two SuperNodes (partitions 0 and 1) on 127.0.0.1, on free ports; yields the SuperLink's
+    address and the nodes' wire logs. All processes are stopped afterwards, pass or fail (their logs are printed,
+    which pytest shows for a failed test)."""
+    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")  # also for the `flwr` commands run_flower runs
+    monkeypatch.setenv("FLWR_DISABLE_UPDATE_CHECK", "1")
+    env = {
+        **os.environ,
+        "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2",
+        "OMP_NUM_THREADS": "1",  # both nodes train at once
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        # SuperNodes start flwr-clientapp from PATH; CI runs .venv/bin/python without activating the venv.
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+    }
+    group = ProcessGroup(tmp_path / "processes", env)
+    port = free_port()
+    wires = [tmp_path / f"wire-{i}.jsonl" for i in range(2)]
+    try:
+        superlink = group.start(
+            "superlink",
+            "flower-superlink",
+            "--insecure",
+            "--port",
+            str(port),
+            "--disable-runtime-dependency-installation",
+        )
+        wait_for_port(port, superlink, timeout=60)
+        for i, wire in enumerate(wires):
+            group.start(
+                f"supernode-{i}",
+                "flower-supernode",
+                "--insecure",
+                "--superlink",
+                f"127.0.0.1:{port}",
+                "--port",
+                str(free_port()),
+                "--node-config",
+                f'partition-id={i} num-partitions=2 wire-log="{wire}"',
+            )
+        yield f"127.0.0.1:{port}", wires
+    finally:
+        group.stop()
+        print(group.tail())
+
+
+def test_superlink_and_supernodes_give_the_in_process_run(federation, reference, make_config, roles):
+    address, wires = federation
+    config = make_config("flower")
+    run_dir = run_flower(config, address, timeout=FLOWER_TIMEOUT)
+    assert run_dir == Path(config.output_dir)
+    assert_same_run(run_dir, reference)  # directions trained and averaged; magnitudes at their initial values
+    for wire in wires:
+        assert_only_shared_tensors_on_the_wire(wire, roles)
