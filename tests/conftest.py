@@ -7,3 +7,18 @@ import torch
 if not torch.cuda.is_available():
     # Must be set before any module decorates a kernel with @triton.jit.
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Count what the reliability tests tried: tests marked ``fault`` and ``bad_input``, by outcome."""
+    counts = {}
+    for outcome in ("passed", "failed", "skipped"):
+        for report in terminalreporter.stats.get(outcome, []):
+            if report.when != "call" and outcome != "skipped":
+                continue
+            for marker in ("fault", "bad_input"):
+                if marker in report.keywords:
+                    counts.setdefault(marker, {}).setdefault(outcome, 0)
+                    counts[marker][outcome] += 1
+    for marker, by_outcome in sorted(counts.items()):
+        terminalreporter.write_line(f"reliability: {marker}: " + ", ".join(f"{n} {o}" for o, n in by_outcome.items()))

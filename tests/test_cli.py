@@ -11,6 +11,24 @@ from fedlora.cli import main
 from tests.tiny import tiny_llama, tiny_tokenizer
 
 
+def save_tiny_model(path: Path) -> Path:
+    """A tiny random Llama and its tokenizer saved as a local model directory, as ``--model`` takes it."""
+    tokenizer = tiny_tokenizer()
+    tiny_llama(len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def write_rows(path: Path, count: int = 40) -> Path:
+    """``count`` short instruction rows over two categories, as a JSON-lines file."""
+    rows = [
+        {"instruction": f"What is {i} plus {i}?", "context": "", "response": f"It is {2 * i}.", "category": f"c{i % 2}"}
+        for i in range(count)
+    ]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
 def fails(argv: list[str], capsys) -> str:
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
@@ -31,25 +49,8 @@ def test_configuration_errors_exit_with_a_message(tmp_path, capsys):
 
 
 def test_train_then_eval_a_local_model(tmp_path, capsys):
-    tokenizer = tiny_tokenizer()
-    model_dir = tmp_path / "tiny-llama"
-    tiny_llama(len(tokenizer)).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    data = tmp_path / "rows.jsonl"
-    data.write_text(
-        "".join(
-            json.dumps(
-                {
-                    "instruction": f"What is {i} plus {i}?",
-                    "context": "",
-                    "response": f"It is {2 * i}.",
-                    "category": f"c{i % 2}",
-                }
-            )
-            + "\n"
-            for i in range(40)
-        )
-    )
+    model_dir = save_tiny_model(tmp_path / "tiny-llama")
+    data = write_rows(tmp_path / "rows.jsonl")
     out = tmp_path / "run"
     common = ["--set", "data.max_length=40", "data.min_examples=5", "adapter.r=2", "eval.rouge_examples=1"]
     argv = ["train", "--model", str(model_dir), "--data", str(data), "--num-clients", "2", "--rounds", "1"]

@@ -196,7 +196,7 @@ def test_server_app_aggregates_messages_weighted():
     server = ServerApp({"w": torch.tensor([0.0])}, ServerSettings(), seed=0)
     server.aggregate([FitRes("a", {"w": torch.tensor([1.0])}, 1, {}), FitRes("b", {"w": torch.tensor([5.0])}, 3, {})])
     torch.testing.assert_close(server.global_tensors["w"], torch.tensor([4.0]))  # (1 + 15) / 4
-    with pytest.raises(ValueError, match="not the shared set"):
+    with pytest.raises(RuntimeError, match="not in the shared set"):
         server.aggregate([FitRes("a", {"w": torch.tensor([1.0]), "m": torch.tensor([1.0])}, 1, {})])
 
 
@@ -297,8 +297,9 @@ def test_two_round_run_directory(make_config, run, tokenizer):
             "personal.safetensors",
             "optimizer.pt",
             "state.json",
+            "manifest.json",
         }
-    assert not list(run_dir.rglob(".*.tmp")) and not list(run_dir.rglob("pending"))
+    assert not list(run_dir.rglob(".*.tmp")) and not list(run_dir.rglob("*.pending"))
 
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     for round_ in (1, 2):
@@ -352,7 +353,8 @@ class Interrupt(KeyboardInterrupt):
 
 
 def interrupt_at(monkeypatch, where: str) -> None:
-    """Raise (like Ctrl-C) in round 2: while a client trains, just before the checkpoint commit, or just after."""
+    """Raise (like Ctrl-C) in round 2: while a client trains, just before the checkpoint commit, or just after
+    (the checkpoint rotated in, the clients' states not yet)."""
     if where == "mid-round":
         fit, calls = ClientApp.fit, []
 
@@ -367,20 +369,20 @@ def interrupt_at(monkeypatch, where: str) -> None:
         atomic_dir = storage.atomic_dir
 
         def failing_atomic_dir(path):
-            if path.name == "checkpoint" and (path / "state.json").exists():
+            if path.name == "checkpoint.pending" and path.with_name("checkpoint").exists():
                 raise Interrupt
             return atomic_dir(path)
 
         monkeypatch.setattr(storage, "atomic_dir", failing_atomic_dir)
     else:
-        promote = storage._promote
+        rotate = storage._rotate
 
-        def failing_promote(client_dir, committed_round):
-            if committed_round == 2:
+        def failing_rotate(pending, current, prev):
+            if current.parent.name == "clients" and json.loads((pending / "state.json").read_text())["round"] == 2:
                 raise Interrupt
-            promote(client_dir, committed_round)
+            rotate(pending, current, prev)
 
-        monkeypatch.setattr(storage, "_promote", failing_promote)
+        monkeypatch.setattr(storage, "_rotate", failing_rotate)
 
 
 def final_state(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -491,3 +493,32 @@ def test_config_file_errors(tmp_path):
         load_config(tmp_path / "run.ini")
     with pytest.raises(FileNotFoundError):
         load_config(tmp_path / "missing.toml")
+
+
+# ------------------------------------------------------------------------------------------------- tensor roles
+
+
+def test_tensor_roles_share_only_the_a_directions(make_config, run, exchanges):
+    config = make_config('adapter.tensor_roles={"B.direction": "personal"}')
+    run_dir = run(config)
+
+    a_directions = names("feddora_A.default.direction")
+    assert exchanges and all(set(ins.tensors) == set(res.tensors) == a_directions for ins, res in exchanges)
+    assert set(load_file(run_dir / "checkpoint/global.safetensors")) == a_directions
+    for file in (run_dir / "clients").glob("*/personal.safetensors"):
+        assert set(load_file(file)) == MAGNITUDES | names("feddora_B.default.direction")
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    "strategy, roles, message",
+    [
+        ("fedlora-opt", '{"A": "shared"}', r"adapter.tensor_roles.A: 'A' is not a tensor kind of the feddora"),
+        ("fedit", '{"A.direction": "shared"}', "adapter.tensor_roles.A.direction: 'A.direction' is not a tensor"),
+        ("fedit", '{"B": "global"}', r"adapter.tensor_roles.B must be one of \['shared', 'personal', 'frozen'\]"),
+        ("ffa-lora", '{"B": "frozen"}', "adapter.tensor_roles.B: every tensor kind would be frozen"),
+    ],
+)
+def test_tensor_roles_errors_name_the_kind(strategy, roles, message):
+    with pytest.raises(ValueError, match=message):
+        build_config({}, [f"strategy={strategy}", f"adapter.tensor_roles={roles}"])

@@ -17,19 +17,20 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Error, Message, MessageType, RecordDict
 from flwr.cli.config_utils import load_and_validate
+from flwr.common.constant import ErrorCode
 from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import load_file
 
 from fedlora.data.samples import DOLLY_SAMPLE
-from fedlora.federated import RunConfig, build_config, train
+from fedlora.federated import ClientApp, RunConfig, build_config, train
 from fedlora.flower import FlowerSettings, run_flower, write_app
 from fedlora.flower.client_app import app as client_app
 from fedlora.flower.config import app_run_config, from_run_config, to_run_config
@@ -153,7 +154,10 @@ class LocalGrid:
     Every message is deflated to bytes and inflated again on its way, as between processes.
     """
 
-    def __init__(self, run_config: Mapping[str, Any], node_configs: list[dict[str, Any]]) -> None:
+    def __init__(
+        self, run_config: Mapping[str, Any], node_configs: list[dict[str, Any]], lost: Collection[int] = ()
+    ) -> None:
+        self.lost = {100 + index for index in lost}  # nodes that answer the query, then never reply (they died)
         self.contexts = {
             node_id: Context(
                 run_id=1, node_id=node_id, node_config=cfg, state=RecordDict(), run_config=dict(run_config)
@@ -169,10 +173,17 @@ class LocalGrid:
         ids = []
         for msg in messages:
             msg.metadata.__dict__["_message_id"] = msg.object_id
-            reply = _through_the_wire(client_app(_through_the_wire(msg), self.contexts[msg.metadata.dst_node_id]))
+            ids.append(msg.metadata.message_id)
+            if msg.metadata.dst_node_id in self.lost and msg.metadata.message_type != MessageType.QUERY:
+                continue
+            try:
+                reply = client_app(_through_the_wire(msg), self.contexts[msg.metadata.dst_node_id])
+            except Exception as error:  # a SuperNode answers for a ClientApp that raised
+                reason = f"{type(error).__name__}: {error}"
+                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
+            reply = _through_the_wire(reply)
             reply.metadata.__dict__["_message_id"] = reply.object_id
             self.replies[msg.metadata.message_id] = reply
-            ids.append(msg.metadata.message_id)
         return ids
 
     def pull_messages(self, message_ids) -> list[Message]:
@@ -192,9 +203,11 @@ def serve_locally(monkeypatch):
     for name in ("_run_id", "_node_id", "_task_id"):  # the identity of the process that creates messages
         monkeypatch.setattr(TaskIdentity, name, 1)
 
-    def run(config: RunConfig, settings: FlowerSettings, node_configs: list[dict[str, Any]]) -> Path:
+    def run(
+        config: RunConfig, settings: FlowerSettings, node_configs: list[dict[str, Any]], lost: Collection[int] = ()
+    ) -> Path:
         run_config = to_run_config(config, settings)
-        return serve(LocalGrid(run_config, node_configs), *from_run_config(run_config))
+        return serve(LocalGrid(run_config, node_configs, lost), *from_run_config(run_config))
 
     return run
 
@@ -235,6 +248,57 @@ def test_dp_clips_the_update_of_the_shared_tensors(settings, make_config, serve_
 def test_central_dp_needs_fedavg(make_config, serve_locally):
     with pytest.raises(ValueError, match="needs server.optimizer=fedavg"):
         serve_locally(make_config("dp", "server.optimizer=fedadam"), FlowerSettings(dp="client-fixed"), PARTITIONS)
+
+
+@pytest.fixture(scope="module")
+def without_client_1(model_dir, data_file, tmp_path_factory) -> Path:
+    """The in-process engine's run of the tiny configuration where client_1's fit raises in every round."""
+    fit = ClientApp.fit
+
+    def failing(self, state, ins):
+        if state.client_id == "client_1":
+            raise RuntimeError("injected failure")
+        return fit(self, state, ins)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ClientApp, "fit", failing)
+        return train(tiny_config(model_dir, data_file, tmp_path_factory.mktemp("without") / "run"), progress=False)
+
+
+@pytest.fixture(scope="module")
+def other_model_dir(tmp_path_factory) -> Path:
+    """A tiny Llama with a third layer: a node given it has adapter tensors the server does not send."""
+    path = tmp_path_factory.mktemp("other-llama")
+    tokenizer = tiny_tokenizer()
+    tiny_llama(len(tokenizer), num_hidden_layers=3).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.fault
+@pytest.mark.parametrize("fault", ["raises", "lost"])
+def test_a_failing_or_lost_node_is_left_out(fault, without_client_1, other_model_dir, make_config, serve_locally):
+    """Node 1 fails every round (its ClientApp raises: it was started with another model) or is lost after the
+    query (never replies): with server.min_clients=1 each round aggregates node 0 alone, as the in-process engine
+    does when client_1's fit raises, and the failure is in metrics.jsonl. With min_clients=2 the round fails."""
+    nodes = [
+        PARTITIONS[0],
+        {**PARTITIONS[1], "model-path": str(other_model_dir)} if fault == "raises" else PARTITIONS[1],
+    ]
+    lost = [1] if fault == "lost" else []
+    settings = FlowerSettings(round_timeout=1.0)
+    run_dir = serve_locally(make_config(fault), settings, nodes, lost)
+    got, expected = adapter_tensors(run_dir), adapter_tensors(without_client_1)
+    assert set(got) == set(expected)
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, **TOLERANCE, msg=name)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    failed = [row for row in rows if row.get("status") == "failed"]
+    assert [(row["round"], row["client"]) for row in failed] == [(1, "client_1"), (2, "client_1")]
+    reason = "not this strategy's shared tensors" if fault == "raises" else "no reply"
+    assert all(reason in row["reason"] for row in failed)
+    with pytest.raises(RuntimeError, match=r"round 1: 1 of 2 sampled client\(s\) .* client_1"):
+        serve_locally(make_config(f"{fault}-strict", "server.min_clients=2"), settings, nodes, lost)
 
 
 def test_node_with_its_own_data_file(make_config, data_file, tmp_path):

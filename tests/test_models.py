@@ -1,5 +1,6 @@
 """Model loading: local directories, clear errors for what cannot be loaded."""
 
+import huggingface_hub
 import pytest
 
 from fedlora.models import load_model_and_tokenizer, resolve_model_path
@@ -16,8 +17,8 @@ def test_local_directory_loads_and_gets_a_pad_token(tmp_path):
 
 
 def test_unreachable_hub_id_names_offline_alternatives(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(OSError, match="smollm2-135m-instruct"):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read once, at import
+    with pytest.raises(FileNotFoundError, match="smollm2-135m-instruct"):
         load_model_and_tokenizer("no-such-org/no-such-model")
 
 

@@ -42,16 +42,20 @@ def tiny_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS)
 
 
-def tiny_llama(vocab_size: int = DEFAULT_VOCAB, seed: int = 0) -> LlamaForCausalLM:
-    """A randomly initialised (seeded) 2-layer Llama: hidden 32, MLP 48, 4 query / 2 key-value heads."""
+def tiny_llama(vocab_size: int = DEFAULT_VOCAB, seed: int = 0, **overrides: int) -> LlamaForCausalLM:
+    """A randomly initialised (seeded) 2-layer Llama: hidden 32, MLP 48, 4 query / 2 key-value heads
+    (``overrides``: other LlamaConfig values)."""
     torch.manual_seed(seed)
+    shape = {
+        "hidden_size": 32,
+        "intermediate_size": 48,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+    }
     config = LlamaConfig(
         vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **{**shape, **overrides},
         max_position_embeddings=MAX_POSITIONS,
         bos_token_id=0,
         eos_token_id=1,

@@ -72,6 +72,8 @@ class DataConfig:
             raise ValueError(f"columns only applies to source='file', not {self.source!r}")
         if self.partition in ("dirichlet", "iid") and self.num_clients is None:
             raise ValueError(f"partition={self.partition!r} needs num_clients")
+        if self.min_examples < 1:
+            raise ValueError(f"min_examples must be at least 1, got {self.min_examples}")
         if not 0 < self.test_fraction < 1:
             raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
         for name in ("global_test_size", "max_examples"):
@@ -123,7 +125,10 @@ def build_federated_data(config: DataConfig, tokenizer: PreTrainedTokenizerBase 
 
     clients = []
     for index, (client_id, dataset) in enumerate(client_sets):
-        train, test = split_train_test(dataset, config.test_fraction, seed=(config.seed, index))
+        try:
+            train, test = split_train_test(dataset, config.test_fraction, seed=(config.seed, index))
+        except ValueError as error:
+            raise ValueError(f"client {client_id!r}: {error}") from error
         clients.append(ClientData(client_id, train, test))
     global_test = concatenate_datasets([client.test for client in clients])
     if config.global_test_size is not None:

@@ -11,6 +11,7 @@ positions are -100. That is why a tokenizer without a pad token can safely use i
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -18,6 +19,8 @@ from typing import Any, Literal
 import torch
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 MIN_RESPONSE_SHARE = 0.25  # a truncated example keeps at least this share of max_length for the response
@@ -33,14 +36,20 @@ def format_prompt(instruction: str, context: str = "") -> str:
 
 
 def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
-    """Give a tokenizer without a pad token ``pad = eos`` (in place); a tokenizer without EOS is an error.
+    """Give a tokenizer without a pad token ``pad = eos`` (in place, logged), as is usual for Llama-style
+    tokenizers; a tokenizer without EOS is an error, with or without a pad token.
 
     Safe because padding here is identified by lengths, never by comparing ids with the pad id.
     """
+    name = tokenizer.name_or_path or type(tokenizer).__name__
     if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no EOS token; one is needed to end responses and as the pad fallback")
+        raise ValueError(
+            f"tokenizer {name!r} has no EOS token; one is needed to end every response (and as the pad token "
+            "when there is none): use a tokenizer with an eos_token"
+        )
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+        logger.info("tokenizer %r has no pad token; using its EOS token %r as pad", name, tokenizer.eos_token)
 
 
 def prompt_token_ids(

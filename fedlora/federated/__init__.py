@@ -3,7 +3,8 @@
 Flower-style split: :mod:`~fedlora.federated.config` (the run configuration), :mod:`~fedlora.federated.strategy`
 (which tensors are shared, personal or frozen), :mod:`~fedlora.federated.message` (what crosses the wire),
 :mod:`~fedlora.federated.client` (local training and evaluation), :mod:`~fedlora.federated.server` (sampling and
-aggregation), :mod:`~fedlora.federated.aggregation` (weighted averaging, server optimizers),
+aggregation, update checks), :mod:`~fedlora.federated.aggregation` (weighted, median and trimmed-mean
+aggregation, clipping, server optimizers), :mod:`~fedlora.federated.privacy` (DP-FedAvg and its ε),
 :mod:`~fedlora.federated.storage` (run directory, atomic checkpoints), :mod:`~fedlora.federated.report` (metrics,
 table, plot) and :mod:`~fedlora.federated.run` (the loop).
 """
@@ -11,7 +12,7 @@ table, plot) and :mod:`~fedlora.federated.run` (the loop).
 from fedlora.federated.aggregation import FedAdam, FedAvgM, FedYogi, ServerOptimizer, weighted_average
 from fedlora.federated.client import ClientApp, ClientState
 from fedlora.federated.config import RunConfig, build_config, load_config
-from fedlora.federated.message import FitIns, FitRes
+from fedlora.federated.message import FitIns, FitRes, Rejection
 from fedlora.federated.run import evaluate_run, train
 from fedlora.federated.server import ServerApp
 from fedlora.federated.strategy import STRATEGIES, Strategy
@@ -25,6 +26,7 @@ __all__ = [
     "FedYogi",
     "FitIns",
     "FitRes",
+    "Rejection",
     "RunConfig",
     "ServerApp",
     "ServerOptimizer",

@@ -1,12 +1,28 @@
-"""Server-side aggregation: example-weighted averaging and the server optimizers (Reddi et al. 2021).
+"""Server-side aggregation: combining the clients' updates, and the server optimizers (Reddi et al. 2021).
 
-In round t the server holds the shared tensors x_t; client i returns y_i, trained on n_i examples. Then
+In round t the server holds the shared tensors x_t; client i returns y_i, trained on n_i examples, so its update is
+Δᵢ = yᵢ − x_t. With ``server.clip_norm`` C each update is first scaled to L2 norm at most C, the norm taken over
+all shared tensors together (the scale is one number per client, so the update keeps its direction):
 
-    avg = Σᵢ nᵢ yᵢ / Σᵢ nᵢ            Δ_t = avg − x_t   (the aggregated update, a negated pseudo-gradient)
+    Δᵢ ← Δᵢ · min(1, C / ‖Δᵢ‖₂)
 
-and the server optimizer with learning rate η sets, elementwise:
+The m updates are then combined elementwise into the aggregated update Δ_t (a negated pseudo-gradient) by
+``server.aggregator``:
 
-    FedAvg    x_{t+1} = x_t + η Δ_t                              (η = 1 gives x_{t+1} = avg)
+    mean            Δ_t = Σᵢ nᵢ Δᵢ / Σᵢ nᵢ      (without clipping: x_t + Δ_t = Σᵢ nᵢ yᵢ / Σᵢ nᵢ, FedAvg's average)
+    median          Δ_t = the middle of the m sorted values Δ₍₁₎ ≤ … ≤ Δ₍ₘ₎ at each coordinate,
+                          (Δ₍⌊(m+1)/2⌋₎ + Δ₍⌊m/2⌋+1₎) / 2, i.e. the mean of the two middle values when m is even
+    trimmed-mean    Δ_t = Σ_{j=k+1}^{m−k} Δ₍ⱼ₎ / (m − 2k) at each coordinate, k = ⌊β m⌋, β = ``server.trim_fraction``
+
+Median and trimmed mean weigh every client alike (one vote each, whatever nᵢ): at every coordinate they stay
+within the range of the honest clients' values as long as fewer than half of the clients (median) or at most k of
+them (trimmed mean) are arbitrary, whereas one client can move the mean anywhere. (With k = 0 the trimmed mean is
+the unweighted mean.) Client-level differential privacy replaces the mean by DP-FedAvg's noised, clipped,
+unweighted one (see :mod:`fedlora.federated.privacy`).
+
+The server optimizer with learning rate η then sets, elementwise:
+
+    FedAvg    x_{t+1} = x_t + η Δ_t                              (η = 1 and the mean: FedAvg's average)
     FedAvgM   m_t = β m_{t−1} + Δ_t,  x_{t+1} = x_t + η m_t       (Hsu et al. 2019; m_0 = 0)
     FedAdam   m_t = β₁ m_{t−1} + (1 − β₁) Δ_t
               v_t = β₂ v_{t−1} + (1 − β₂) Δ_t²
@@ -18,6 +34,7 @@ and the server optimizer with learning rate η sets, elementwise:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -46,6 +63,56 @@ def weighted_average(states: Sequence[Mapping[str, Tensor]], weights: Sequence[f
         acc = sum(state[name].double() * (weight / total) for state, weight in zip(states, weights, strict=True))
         average[name] = acc.to(first.dtype)
     return average
+
+
+def update_norm(update: Mapping[str, Tensor]) -> float:
+    """‖Δ‖₂ over all tensors together, √(Σ Δ²) over every element of every tensor, accumulated in float64."""
+    return math.sqrt(sum(float(tensor.double().square().sum()) for tensor in update.values()))
+
+
+def clip_update(update: Mapping[str, Tensor], max_norm: float) -> dict[str, Tensor]:
+    """Δ · min(1, C / ‖Δ‖₂) with C = ``max_norm``: the update scaled down (never up) to norm at most C."""
+    norm = update_norm(update)
+    scale = max_norm / norm if norm > max_norm else 1.0
+    return {name: tensor * scale for name, tensor in update.items()}
+
+
+def coordinate_median(updates: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
+    """The median over clients at every coordinate (the mean of the two middle values for an even count)."""
+    m = len(updates)
+    return {name: (column[(m - 1) // 2] + column[m // 2]) / 2 for name, column in _sorted_columns(updates).items()}
+
+
+def trimmed_mean(updates: Sequence[Mapping[str, Tensor]], trim_fraction: float) -> dict[str, Tensor]:
+    """At every coordinate, the mean over clients once the k = ⌊β m⌋ smallest and k largest values are dropped."""
+    if not 0 <= trim_fraction < 0.5:
+        raise ValueError(f"trim_fraction must be in [0, 0.5); got {trim_fraction}")
+    m = len(updates)
+    k = math.floor(round(trim_fraction * m, 9))  # round: 0.29 · 100 is 28.999999999999996 in floating point
+    return {name: column[k : m - k].mean(dim=0) for name, column in _sorted_columns(updates).items()}
+
+
+def aggregate_updates(
+    updates: Sequence[Mapping[str, Tensor]],
+    weights: Sequence[float],
+    aggregator: str = "mean",
+    trim_fraction: float = 0.0,
+) -> dict[str, Tensor]:
+    """Δ_t from the clients' updates by ``aggregator`` (module docstring); only ``mean`` uses the ``weights``."""
+    if aggregator == "mean":
+        return weighted_average(updates, weights)
+    if aggregator == "median":
+        return coordinate_median(updates)
+    if aggregator == "trimmed-mean":
+        return trimmed_mean(updates, trim_fraction)
+    raise ValueError(f"unknown aggregator {aggregator!r}; choose mean, median or trimmed-mean")
+
+
+def _sorted_columns(updates: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
+    """Per tensor name, the clients' values stacked on a new first dimension and sorted along it."""
+    if not updates:
+        raise ValueError("cannot aggregate zero updates")
+    return {name: torch.stack([update[name] for update in updates]).sort(dim=0).values for name in updates[0]}
 
 
 class ServerOptimizer:

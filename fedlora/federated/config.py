@@ -49,13 +49,17 @@ class AdapterSettings:
     """Adapter shape shared by all strategies (FedDoRA or LoRA, as the strategy requires).
 
     ``target_modules`` lists module names (suffix match); ``["all-linear"]`` (or the string ``all-linear``)
-    selects every linear layer except the output head.
+    selects every linear layer except the output head. ``tensor_roles`` maps tensor kinds (FedDoRA:
+    ``A.direction``, ``A.magnitude``, ``B.direction``, ``B.magnitude``; LoRA: ``A``, ``B``) to ``shared``,
+    ``personal`` or ``frozen``, replacing the strategy's roles for the kinds it names (None: the strategy's own);
+    as an override, a JSON object: ``adapter.tensor_roles={"B.direction": "personal"}``.
     """
 
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    tensor_roles: dict[str, Literal["shared", "personal", "frozen"]] | None = None
 
     rules = {"r": _at_least_one, "alpha": _positive, "dropout": _unit}
 
@@ -125,7 +129,21 @@ class ClientSettings:
 
 @dataclass
 class ServerSettings:
-    """Client sampling and the server optimizer applied to the averaged update (see ``aggregation``)."""
+    """Client sampling, the checks on every client's result, how the updates are combined, and the server optimizer
+    (the math is in ``aggregation``).
+
+    Each round samples ``fraction`` of the clients (at least one). The server rejects a client's result (logs why
+    and leaves it out of the round; the run writes a ``"status": "rejected"`` train row) when its tensors are not
+    exactly the shared set, differ in shape or dtype, hold NaN or Inf, or its update norm ‖yᵢ − x_t‖₂ (over all
+    shared tensors) exceeds ``max_update_norm`` (None: no limit). The default is far above what local training
+    produces (Adam moves each element by about lr per step: roughly lr · steps · √(shared elements) in all), so it
+    only stops diverged or garbage updates. A round with
+    fewer than ``min_clients`` valid results (failed and rejected clients alike count against it) raises and commits
+    nothing, so ``--resume`` retries it. Each update may be clipped to norm ``clip_norm`` (None: no clipping), then
+    ``aggregator`` combines them: ``mean`` (example-weighted, FedAvg), ``median`` (coordinate-wise) or
+    ``trimmed-mean`` (coordinate-wise, ``trim_fraction`` of the clients dropped at each end). ``optimizer`` with
+    ``lr`` (and ``momentum``, or ``beta1``, ``beta2``, ``tau``) turns the aggregated update into the new global tensors.
+    """
 
     optimizer: Literal["fedavg", "fedavgm", "fedadam", "fedyogi"] = "fedavg"
     lr: float = 1.0
@@ -134,6 +152,11 @@ class ServerSettings:
     beta1: float = 0.9
     beta2: float = 0.99
     tau: float = 1e-3
+    min_clients: int = 1
+    max_update_norm: float | None = 1e5
+    clip_norm: float | None = None
+    aggregator: Literal["mean", "median", "trimmed-mean"] = "mean"
+    trim_fraction: float = 0.1
 
     rules = {
         "lr": _positive,
@@ -142,7 +165,49 @@ class ServerSettings:
         "beta1": _unit,
         "beta2": _unit,
         "tau": _positive,
+        "min_clients": _at_least_one,
+        "max_update_norm": _positive,
+        "clip_norm": _positive,
+        "trim_fraction": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
     }
+
+
+@dataclass
+class PrivacySettings:
+    """Client-level differential privacy, DP-FedAvg on the server (see ``privacy``); off while ``noise_multiplier``
+    is 0.
+
+    With ``noise_multiplier`` z > 0 the server clips every client's update to L2 norm ``clip_norm`` C (required
+    then), sums the clipped updates, adds Gaussian noise of standard deviation z·C per coordinate and divides by the
+    number of sampled clients m; the aggregate is thus an unweighted mean, and ``server.aggregator`` must be ``mean``.
+    After every round the run reports the ε spent so far at ``delta`` (δ, best below 1 / the number of clients).
+    """
+
+    noise_multiplier: float = 0.0
+    clip_norm: float | None = None
+    delta: float = 1e-5
+
+    rules = {
+        "noise_multiplier": (lambda v: 0 <= v < math.inf, "finite and at least 0"),
+        "clip_norm": _positive,
+        "delta": (lambda v: 0 < v < 1, "in (0, 1)"),
+    }
+
+    @property
+    def enabled(self) -> bool:
+        return self.noise_multiplier > 0
+
+    def check(self, server: ServerSettings) -> None:
+        """Raise a ValueError naming the keys when these settings do not fit together or with ``server``."""
+        if self.enabled and self.clip_norm is None:
+            raise ValueError("privacy.clip_norm is required when privacy.noise_multiplier > 0 (the noise scales to it)")
+        if not self.enabled and self.clip_norm is not None:
+            raise ValueError(
+                "privacy.clip_norm is set but privacy.noise_multiplier is 0 (privacy off); to clip without noise, "
+                "set server.clip_norm"
+            )
+        if self.enabled and server.aggregator != "mean":
+            raise ValueError(f"privacy.noise_multiplier > 0 needs server.aggregator=mean, not {server.aggregator!r}")
 
 
 @dataclass
@@ -177,6 +242,7 @@ class RunConfig:
     data: DataSettings = field(default_factory=DataSettings)
     client: ClientSettings = field(default_factory=ClientSettings)
     server: ServerSettings = field(default_factory=ServerSettings)
+    privacy: PrivacySettings = field(default_factory=PrivacySettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
 
     rules = {"rounds": _at_least_one}
@@ -184,6 +250,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy: unknown strategy {self.strategy!r}; choose one of {sorted(STRATEGIES)}")
+        STRATEGIES[self.strategy].with_roles(self.adapter.tensor_roles)  # raises naming adapter.tensor_roles.<kind>
         if self.client.local_steps + self.client.global_steps == 0:
             raise ValueError("client.local_steps and client.global_steps cannot both be 0")
         for section, prefix in _sections(self):
@@ -191,6 +258,7 @@ class RunConfig:
                 value = getattr(section, name)
                 if value is not None and not check(value):
                     raise ValueError(f"{prefix}{name} must be {description}; got {value!r}")
+        self.privacy.check(self.server)
 
     def to_dict(self) -> dict[str, Any]:
         """The configuration as plain nested dicts (what ``config.yaml`` holds)."""
@@ -223,15 +291,18 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} not found")
     suffix = path.suffix.lower()
-    if suffix == ".toml":
-        with path.open("rb") as f:
-            data = tomllib.load(f)
-    elif suffix in (".yaml", ".yml"):
-        data = yaml.safe_load(path.read_text()) or {}
-    elif suffix == ".json":
-        data = json.loads(path.read_text())
-    else:
-        raise ValueError(f"config file {path}: unsupported type {suffix!r}; use .toml, .yaml, .yml or .json")
+    try:
+        if suffix == ".toml":
+            with path.open("rb") as f:
+                data = tomllib.load(f)
+        elif suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(path.read_text()) or {}
+        elif suffix == ".json":
+            data = json.loads(path.read_text())
+        else:
+            raise ValueError(f"unsupported type {suffix!r}; use .toml, .yaml, .yml or .json")
+    except (ValueError, yaml.YAMLError) as error:  # TOML and JSON decode errors are ValueErrors
+        raise ValueError(f"config file {path}: {error}") from error
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold a mapping at the top level")
     return data

@@ -7,6 +7,7 @@ Only these objects cross the client/server boundary, so what a strategy communic
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from torch import Tensor
 
@@ -28,3 +29,11 @@ class FitRes:
     tensors: dict[str, Tensor]
     num_examples: int
     metrics: dict[str, float]
+
+
+class Rejection(NamedTuple):
+    """A sampled client left out of a round's aggregate, and why: its fit raised, or its :class:`FitRes` failed
+    the server's checks (missing or extra tensors, wrong shape or dtype, NaN/Inf, an absurd update norm)."""
+
+    client_id: str
+    reason: str

@@ -1,7 +1,8 @@
 """Metrics rows, their per-round summaries, the console table and the score plot.
 
 ``metrics.jsonl`` holds one object per line: per-client rows ``{"round", "split", "client", ...}`` with split
-``"train"`` (training losses, ``num_examples``), ``"local"`` (the client's model on its own test split) or
+``"train"`` (training losses, ``num_examples`` and ``status``: ``ok``, ``rejected`` or ``failed``, the last two with a
+``reason``; see :func:`train_rows`), ``"local"`` (the client's model on its own test split) or
 ``"global"`` (on the pooled global test set), and per-split summary rows ``{"round", "split", "clients",
 <metric>, <metric>_std}`` without a ``client`` key: the mean and population standard deviation over clients.
 """
@@ -16,11 +17,45 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from fedlora.federated.message import FitRes, Rejection
 from fedlora.federated.storage import atomic_write
 
 EVAL_SPLITS = ("global", "local")
 METRICS = ("loss", "perplexity", "rougeL")
 PLOTTED = ("loss", "rougeL")
+
+
+def train_rows(
+    round_: int, results: Sequence[FitRes], rejected: Sequence[Rejection], failures: Sequence[Rejection]
+) -> list[dict[str, Any]]:
+    """One ``train`` row per sampled client: its metrics and ``status`` ``ok``; ``rejected`` (the server refused its
+    update) with the reason; or ``failed`` (it sent nothing) with the reason."""
+    reasons = dict(rejected)
+    rows = [
+        {"round": round_, "split": "train", "client": r.client_id, "num_examples": r.num_examples, **r.metrics}
+        | ({"status": "rejected", "reason": reasons[r.client_id]} if r.client_id in reasons else {"status": "ok"})
+        for r in results
+    ]
+    return rows + [
+        {"round": round_, "split": "train", "client": c, "status": "failed", "reason": why} for c, why in failures
+    ]
+
+
+def privacy_rows(round_: int, epsilon: float | None, delta: float) -> list[dict[str, Any]]:
+    """The ``privacy`` row of a round: the ε spent so far at δ (none when differential privacy is off)."""
+    return [] if epsilon is None else [{"round": round_, "split": "privacy", "epsilon": epsilon, "delta": delta}]
+
+
+def round_title(
+    round_: int, rows: Sequence[Mapping[str, Any]], rounds: int, strategy: str, sampled: int, seconds: float
+) -> str:
+    """The heading of a round's table: the round, the strategy, the sampled clients (and how many of them were left
+    out), ε when differential privacy is on, and the round's wall time."""
+    left_out = sum(1 for row in rows if row["split"] == "train" and row.get("status", "ok") != "ok")
+    title = f"round {round_}/{rounds} · {strategy} · {sampled} client(s)"
+    title += f" ({left_out} left out)" if left_out else ""
+    title += "".join(f" · ε {row['epsilon']:.3g} at δ {row['delta']:g}" for row in rows if row["split"] == "privacy")
+    return f"{title} · {seconds:.1f} s"
 
 
 def summarize(round_: int, rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:

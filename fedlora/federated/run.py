@@ -15,17 +15,20 @@ interrupted after round k and resumed ends with exactly the adapter of an uninte
 from __future__ import annotations
 
 import json
+import logging
 import random
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, replace
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from datasets import Dataset, concatenate_datasets
-from peft import PeftModel, get_peft_model
+from peft import PeftConfig, PeftModel, get_peft_model
+from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
@@ -40,13 +43,17 @@ from fedlora.federated.config import (
     load_config,
     save_config,
 )
-from fedlora.federated.report import format_table, plot_scores, summarize
+from fedlora.federated.message import FitIns, FitRes, Rejection
+from fedlora.federated.report import format_table, plot_scores, privacy_rows, round_title, summarize, train_rows
 from fedlora.federated.server import ServerApp
 from fedlora.federated.storage import (
     Checkpoint,
     RunDir,
     atomic_dir,
     atomic_write,
+    check_free_space,
+    check_writable,
+    estimate_run_bytes,
     recover_dir,
     rng_state,
     set_rng_state,
@@ -54,8 +61,10 @@ from fedlora.federated.storage import (
 from fedlora.federated.strategy import STRATEGIES, Strategy
 from fedlora.models import load_model_and_tokenizer
 
+logger = logging.getLogger(__name__)
 RESUMABLE_KEYS = ("rounds", "device", "output_dir", "eval.")  # settings --resume may change (prefixes)
 POOLED_CLIENT = "pooled"
+ADAPTER_FIELDS = ("peft_type", "r", "lora_alpha", "target_modules", "tensor_roles")  # a saved adapter must match
 
 
 @dataclass
@@ -83,24 +92,25 @@ def train(
     needs an absent or empty output directory; ``resume`` needs the run's directory and a configuration that
     differs from the saved one only in ``rounds``, ``device``, ``output_dir`` or ``eval.*``.
     """
-    config = _check_run_dir(config, resume)
+    config = check_run_dir(config, resume)
     run_dir = RunDir(config.output_dir)
+    checkpoint = run_dir.recover() if resume else None  # before the model loads: a damaged run fails fast
     recover_dir(run_dir.global_adapter)
     adapter_dir = run_dir.global_adapter if run_dir.global_adapter.exists() else None
     fed = build_federation(config, adapter_dir=adapter_dir, model=model, tokenizer=tokenizer, progress=progress)
+    check_free_space(run_dir.path, _run_bytes(fed, config))
     run_dir.path.mkdir(parents=True, exist_ok=True)  # only now that the model and data loaded
     atomic_write(run_dir.config, lambda tmp: save_config(config, tmp))
     app = fed.app
     initial_personal = app.snapshot(app.names["personal"])
     eval_states = {data.client_id: app.new_state(data) for data in fed.data.clients}
     train_states = {POOLED_CLIENT: app.new_state(_pooled(fed.data))} if fed.strategy.pooled else eval_states
-    server = ServerApp(app.snapshot(app.names["shared"]), config.server, config.seed)
+    server = ServerApp(app.snapshot(app.names["shared"]), config.server, config.seed, config.privacy)
     persisted = bool(app.names["personal"])  # only clients with personal tensors have state to save
 
-    checkpoint = run_dir.load_checkpoint()
     if checkpoint is not None:
         _restore(checkpoint, server, train_states, run_dir)
-    _publish_adapter(fed, server.global_tensors, initial_personal, run_dir)  # also repairs one a crash left stale
+    publish_adapter(app, server.global_tensors, initial_personal, run_dir)  # also repairs one a crash left stale
     plot_scores(run_dir.read_metrics(), run_dir.plot)
     start = checkpoint.round if checkpoint else 0
     sizes = [data.num_train_examples for data in fed.data.clients]
@@ -113,34 +123,53 @@ def train(
         started = time.perf_counter()
         sampled = server.sample(round_, list(train_states))
         ins = server.fit_ins(round_)
-        results = [app.fit(train_states[client_id], ins) for client_id in sampled]
-        server.aggregate(results)
-        rows: list[dict[str, Any]] = [
-            {"round": round_, "split": "train", "client": r.client_id, "num_examples": r.num_examples, **r.metrics}
-            for r in results
-        ]
+        results, failures = fit_clients(app, [train_states[client_id] for client_id in sampled], ins)
+        rejected = server.aggregate(results, round_, failures=failures)
+        rows = train_rows(round_, results, rejected, failures)
+        epsilon = server.epsilon(round_, len(train_states)) if server.privacy else None  # nothing to restore
+        rows += privacy_rows(round_, epsilon, config.privacy.delta)
         evaluated = round_ % config.eval.every == 0 or round_ == config.rounds
         if evaluated:
             scores = evaluate_round(fed, eval_states.values(), server.global_tensors, progress)
             summaries = summarize(round_, scores)
             rows += _with_round(round_, scores) + summaries
-            elapsed = time.perf_counter() - started
-            title = f"round {round_}/{config.rounds} · {config.strategy} · {len(sampled)} client(s) · {elapsed:.1f} s"
+            title = round_title(
+                round_, rows, config.rounds, config.strategy, len(sampled), time.perf_counter() - started
+            )
             tqdm.write(format_table(title, summaries))
-        run_dir.append_metrics(rows)
-        if evaluated:
-            plot_scores(run_dir.read_metrics(), run_dir.plot)
-        checkpoint = Checkpoint(
-            round=round_,
-            global_tensors=server.global_tensors,
-            server_optimizer=server.optimizer.state_dict(),
-            client_rounds={cid: s.last_round for cid, s in train_states.items() if s.last_round and persisted},
-            metrics_bytes=run_dir.metrics.stat().st_size,
-            rng=rng_state(),
-        )
-        run_dir.commit_round(checkpoint, [train_states[cid] for cid in sampled] if persisted else [])
-        _publish_adapter(fed, server.global_tensors, initial_personal, run_dir)
+        with run_dir.committing(round_):  # a failed write (a full disk) names the round the run dir still holds
+            run_dir.append_metrics(rows)
+            if evaluated:
+                plot_scores(run_dir.read_metrics(), run_dir.plot)
+            checkpoint = Checkpoint(
+                round=round_,
+                global_tensors=server.global_tensors,
+                server_optimizer=server.optimizer.state_dict(),
+                client_rounds={cid: s.last_round for cid, s in train_states.items() if s.last_round and persisted},
+                metrics_bytes=run_dir.metrics.stat().st_size,
+                rng=rng_state(),
+            )
+            trained = [train_states[result.client_id] for result in results]  # not the failed ones
+            run_dir.commit_round(checkpoint, trained if persisted else [])
+            publish_adapter(app, server.global_tensors, initial_personal, run_dir)
     return run_dir.path
+
+
+def fit_clients(app: ClientApp, states: Iterable[ClientState], ins: FitIns) -> tuple[list[FitRes], list[Rejection]]:
+    """Train each client for round ``ins.round``; returns the replies and the clients whose fit raised, with why.
+
+    A failing client is logged and left out; the others are unaffected, since each client's seeds depend only on
+    (seed, round, client) and its state changes only when its fit completes.
+    """
+    results, failures = [], []
+    for state in states:
+        try:
+            results.append(app.fit(state, ins))
+        except Exception as error:
+            logger.warning("round %d: client %s failed: %r", ins.round, state.client_id, error, exc_info=True)
+            app.model.zero_grad(set_to_none=True)  # it may have stopped between backward() and the step
+            failures.append(Rejection(state.client_id, f"fit raised {type(error).__name__}: {error}"))
+    return results, failures
 
 
 def evaluate_run(
@@ -151,7 +180,8 @@ def evaluate_run(
     tokenizer: PreTrainedTokenizerBase | None = None,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Re-score a saved run: ``global_adapter/`` plus each client's saved personal tensors, as during training.
+    """Re-score a saved run: its newest intact checkpoint's global tensors plus each client's personal tensors as
+    of it, as during training.
 
     ``overrides`` (``key=value``) adjust the saved configuration, e.g. ``eval.rouge_examples=20``. The rows
     (per client and summaries) are printed as a table, written to ``<run_dir>/eval.jsonl`` and returned.
@@ -160,15 +190,14 @@ def evaluate_run(
     if not run.config.exists():
         raise FileNotFoundError(f"{run.path} is not a fedlora run directory (no config.yaml)")
     config = load_config(run.config, overrides)
+    checkpoint = run.load_checkpoint()  # before the model loads
     recover_dir(run.global_adapter)
     fed = build_federation(config, adapter_dir=run.global_adapter, model=model, tokenizer=tokenizer, progress=progress)
     states = [fed.app.new_state(data) for data in fed.data.clients]
-    for state in states:
-        saved = run.load_client(state.client_id)
-        if saved is not None:
-            state.personal = saved[0]
-    shared = fed.app.snapshot(fed.app.names["shared"])
-    round_ = run.committed_round()
+    if checkpoint is not None:
+        _load_clients(checkpoint, states, run)
+    shared = checkpoint.global_tensors if checkpoint else fed.app.snapshot(fed.app.names["shared"])
+    round_ = checkpoint.round if checkpoint else 0
     scores = evaluate_round(fed, states, shared, progress)
     summaries = summarize(round_, scores)
     rows = _with_round(round_, scores) + summaries
@@ -211,11 +240,12 @@ def build_federation(
         model, tokenizer = _load_model(config)
     model.to(config.device)
     data = build_federated_data(data_config(config), tokenizer)
-    strategy = STRATEGIES[config.strategy]
+    strategy = STRATEGIES[config.strategy].with_roles(config.adapter.tensor_roles)
     _seed_everything(config.seed)
     if adapter_dir is None:
         peft_model = get_peft_model(model, strategy.peft_config(config.adapter))
     else:
+        _check_adapter_dir(adapter_dir, strategy.peft_config(config.adapter), model)
         peft_model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
     settings = config.client
     if strategy.pooled:  # one client does the work of all of them
@@ -233,6 +263,38 @@ def build_federation(
     return Federation(strategy, peft_model, tokenizer, data, app)
 
 
+def _check_adapter_dir(adapter_dir: Path, expected: PeftConfig, model: nn.Module) -> None:
+    """Raise a ``ValueError`` naming the first of ``ADAPTER_FIELDS`` in which the adapter saved in ``adapter_dir``
+    differs from ``expected`` (this run's), with both values; also its base model, as PEFT records it
+    (``model.name_or_path``; an absolute local path by its last part, so a moved run directory still loads)."""
+    config_file = Path(adapter_dir) / "adapter_config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{adapter_dir} is not a saved adapter (no adapter_config.json)")
+    saved = json.loads(config_file.read_text())
+    expected = _maybe_include_all_linear_layers(expected, model)  # PEFT saves "all-linear" as the module names
+    wanted = {name: getattr(expected, name) for name in ADAPTER_FIELDS if hasattr(expected, name)}
+    wanted["base_model_name_or_path"] = getattr(model, "name_or_path", None) or None
+    for name, value in wanted.items():
+        theirs, ours = _comparable(name, saved.get(name)), _comparable(name, value)
+        if theirs != ours:
+            raise ValueError(
+                f"{adapter_dir} does not fit this run: its {name} is {theirs!r} but this run's is {ours!r} "
+                "(was it saved by another run, strategy, adapter setting or model?)"
+            )
+
+
+def _comparable(name: str, value: Any) -> Any:
+    """A saved or expected adapter setting in one form: module names sorted, enums as their value, a local model
+    path as its last part."""
+    if isinstance(value, set | list | tuple):
+        return sorted(value)
+    if isinstance(value, Enum):
+        return value.value
+    if name == "base_model_name_or_path" and value is not None and Path(value).is_absolute():
+        return Path(value).name
+    return value
+
+
 def data_config(config: RunConfig) -> DataConfig:
     """The :class:`fedlora.data.DataConfig` of a run (``dolly-sample`` names the packaged Dolly sample)."""
     path = str(DOLLY_SAMPLE) if config.data.path == DOLLY_SAMPLE_ALIAS else config.data.path
@@ -243,7 +305,7 @@ def default_output_dir(config: RunConfig) -> Path:
     return Path("runs") / f"{config.strategy}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def _check_run_dir(config: RunConfig, resume: bool) -> RunConfig:
+def check_run_dir(config: RunConfig, resume: bool) -> RunConfig:
     """Check the output directory can be used (fresh: absent or empty; resume: a run with a compatible config);
     returns the config with its ``output_dir`` filled in."""
     if resume:
@@ -262,39 +324,61 @@ def _check_run_dir(config: RunConfig, resume: bool) -> RunConfig:
             )
     else:
         run_dir = RunDir(config.output_dir or default_output_dir(config))
-        if run_dir.path.exists() and any(run_dir.path.iterdir()):
+        if run_dir.path.is_dir() and any(run_dir.path.iterdir()):
             raise FileExistsError(
                 f"output directory {run_dir.path} exists and is not empty; pass --resume to continue that run "
                 "or choose another --output-dir"
             )
+    check_writable(run_dir.path)
+    # What is known of the run's size before the model loads; train() checks the whole once it is wrapped.
+    clients = config.data.num_clients or 1
+    check_free_space(
+        run_dir.path, estimate_run_bytes(shared=0, personal=0, adapter=0, clients=clients, rounds=config.rounds)
+    )
     return replace(config, output_dir=str(run_dir.path))
+
+
+def _run_bytes(fed: Federation, config: RunConfig) -> int:
+    """:func:`~fedlora.federated.storage.estimate_run_bytes` for this run's adapter tensors, clients and rounds."""
+    params = dict(fed.model.named_parameters())
+    sizes = {
+        role: sum(params[n].numel() * params[n].element_size() for n in names) for role, names in fed.app.names.items()
+    }
+    return estimate_run_bytes(
+        shared=sizes["shared"],
+        personal=sizes["personal"],
+        adapter=sum(sizes.values()),
+        clients=len(fed.data.clients),
+        rounds=config.rounds,
+    )
 
 
 def _restore(checkpoint: Checkpoint, server: ServerApp, states: Mapping[str, ClientState], run_dir: RunDir) -> None:
     """Put the server and the clients back in their state after ``checkpoint.round``."""
     server.global_tensors = checkpoint.global_tensors
     server.optimizer.load_state_dict(checkpoint.server_optimizer)
-    for client_id, state in states.items():
-        saved = run_dir.load_client(client_id)
-        expected = checkpoint.client_rounds.get(client_id, 0)
-        found = saved[2] if saved else 0
-        if found != expected:
-            raise RuntimeError(
-                f"client {client_id}: saved state is from round {found} but the checkpoint expects round {expected}"
-            )
-        if saved is not None:
-            state.personal, state.optimizer_state, state.last_round = saved
+    _load_clients(checkpoint, states.values(), run_dir)
     set_rng_state(checkpoint.rng)
 
 
-def _publish_adapter(
-    fed: Federation, shared: Mapping[str, Tensor], initial_personal: Mapping[str, Tensor], run: RunDir
+def _load_clients(checkpoint: Checkpoint, states: Iterable[ClientState], run_dir: RunDir) -> None:
+    """Give each client its personal tensors and local optimizer state as of ``checkpoint`` (one that had not
+    trained by then keeps its initial state)."""
+    for state in states:
+        last_round = checkpoint.client_rounds.get(state.client_id, 0)
+        if last_round:
+            state.personal, state.optimizer_state = run_dir.load_client(state.client_id, last_round)
+            state.last_round = last_round
+
+
+def publish_adapter(
+    app: ClientApp, shared: Mapping[str, Tensor], initial_personal: Mapping[str, Tensor], run: RunDir
 ) -> None:
     """Write ``global_adapter/``: the global shared tensors with the initial personal (and frozen) tensors."""
-    fed.app.load(shared)
-    fed.app.load(initial_personal)
+    app.load(shared)
+    app.load(initial_personal)
     with atomic_dir(run.global_adapter) as tmp:
-        fed.model.save_pretrained(tmp)
+        app.model.save_pretrained(tmp)
 
 
 def _with_round(round_: int, rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:

@@ -1,4 +1,4 @@
-"""The run directory, its crash-safe writes, and the checkpoint from which ``--resume`` continues.
+"""The run directory, its crash-safe writes, and the checkpoints from which ``--resume`` continues.
 
 ::
 
@@ -7,21 +7,38 @@
     <run>/scores.png           global and local scores per round
     <run>/global_adapter/      PEFT adapter: the global shared tensors; personal and frozen tensors at their
                                initial values (the common starting point every client's personal state grows from)
-    <run>/checkpoint/          server state after the last completed round: state.json, global.safetensors
-                               (shared tensors only), server_optimizer.safetensors, rng.pt
-    <run>/clients/<id>/        a client's personal.safetensors, optimizer.pt and state.json (its last round)
+    <run>/checkpoint/          server state after the last committed round: state.json (the round, each client's
+                               last round, the size and SHA-256 of metrics.jsonl up to that round),
+                               global.safetensors (shared tensors only), server_optimizer.safetensors, rng.pt
+    <run>/checkpoint.prev/     the same after the round before: the fallback when checkpoint/ is damaged
+    <run>/clients/<id>/        a client's state as of checkpoint/: personal.safetensors, optimizer.pt and
+                               state.json (the last round it trained in)
+    <run>/clients.prev/<id>/   the state that one replaced (what checkpoint.prev/ refers to if the client trained
+                               in the last round)
 
-Every file and directory is written under a temporary name, fsynced and renamed into place. Round k commits as:
-(1) the metrics rows are appended and fsynced; (2) every client that trained writes ``clients/<id>/pending/``;
-(3) ``checkpoint/`` is replaced: the commit point, recording the metrics file size and each client's last round;
-(4) the pending files are moved over the client's files. Recovery promotes pending states of the committed round,
-drops later ones and truncates ``metrics.jsonl`` to its committed size, so a crash or Ctrl-C at any point loses
-at most the round in progress.
+Every checkpoint and client state directory also holds ``manifest.json``, the size and SHA-256 of each of its
+other files, written last. Directories are written under a temporary name, fsynced, renamed into place and never
+modified afterwards. Round k commits as: (1) the metrics rows are appended and fsynced; (2) every client that
+trained writes ``clients.pending/<id>/``; (3) ``checkpoint.pending/`` appears: the commit point; (4) it is
+rotated in (``checkpoint.prev/`` removed, ``checkpoint/`` renamed to ``checkpoint.prev/``, ``checkpoint.pending/``
+to ``checkpoint/``), then each pending client state over ``clients/<id>/`` and ``clients.prev/<id>/`` the same
+way. A rotation cut off anywhere is finished by running it again.
+
+Recovery before a resume (:meth:`RunDir.recover`) finishes the rotations of a committed round and drops the
+client states of an uncommitted one, then takes the newest intact checkpoint: one whose files, the client states
+it refers to and the metrics prefix it recorded all match their digests. A damaged ``checkpoint/`` is logged as a
+warning that names the file, and the run rolls back to ``checkpoint.prev/`` (the last round's rotations undone).
+``metrics.jsonl`` is truncated to the chosen checkpoint's size. So a crash, Ctrl-C or ``kill -9`` at any point
+loses at most the round in progress, and a damaged last checkpoint one round more; when no intact checkpoint is
+left, :class:`CheckpointError` says what is damaged and nothing is rolled back.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import math
 import os
 import random
 import shutil
@@ -39,7 +56,18 @@ from torch import Tensor
 if TYPE_CHECKING:
     from fedlora.federated.client import ClientState
 
-_PERSONAL, _OPTIMIZER, _STATE = "personal.safetensors", "optimizer.pt", "state.json"
+logger = logging.getLogger(__name__)
+
+_PERSONAL, _OPTIMIZER, _STATE, _MANIFEST = "personal.safetensors", "optimizer.pt", "state.json", "manifest.json"
+_MIB = 2**20
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint or client state is damaged (the message names the file), or no intact checkpoint is left."""
+
+
+class CommitError(OSError):
+    """Writing a round failed; the run directory still holds its last committed round."""
 
 
 @dataclass
@@ -64,10 +92,11 @@ class RunDir:
         self.plot = self.path / "scores.png"
         self.global_adapter = self.path / "global_adapter"
         self.checkpoint = self.path / "checkpoint"
+        self.checkpoint_prev = self.path / "checkpoint.prev"
+        self.checkpoint_pending = self.path / "checkpoint.pending"
         self.clients = self.path / "clients"
-
-    def client_dir(self, client_id: str) -> Path:
-        return self.clients / client_id
+        self.clients_prev = self.path / "clients.prev"
+        self.clients_pending = self.path / "clients.pending"
 
     def append_metrics(self, rows: Iterable[Mapping[str, Any]]) -> None:
         """Append JSON lines and fsync; returns once they are on disk."""
@@ -81,17 +110,33 @@ class RunDir:
             return []
         return [json.loads(line) for line in self.metrics.read_text().splitlines() if line]
 
+    @contextmanager
+    def committing(self, round_: int) -> Iterator[None]:
+        """Turn an error while writing ``round_`` into a :class:`CommitError` that says which round the run
+        directory still holds. (A full disk raises an OSError from Python's writes, but a ``SafetensorError``
+        from safetensors and a ``RuntimeError`` from ``torch.save``.)"""
+        try:
+            yield
+        except Exception as error:
+            committed = self.committed_round()
+            raise CommitError(
+                f"writing round {round_} to {self.path} failed: {type(error).__name__}: {error}. The run directory "
+                f"holds round {committed}, its last committed round, intact; once the cause is fixed, resuming "
+                f"continues with round {committed + 1}"
+            ) from error
+
     def commit_round(self, checkpoint: Checkpoint, trained: Sequence[ClientState]) -> None:
         """Write the trained clients' states and the checkpoint of a completed round (steps 2-4 above).
 
         ``trained`` lists the clients whose personal state changed; strategies without personal tensors pass none.
         """
         for client in trained:
-            with atomic_dir(self.client_dir(client.client_id) / "pending") as tmp:
+            with atomic_dir(self.clients_pending / client.client_id) as tmp:
                 save_file(client.personal, tmp / _PERSONAL)
                 torch.save(client.optimizer_state, tmp / _OPTIMIZER)
                 (tmp / _STATE).write_text(json.dumps({"round": client.last_round}))
-        with atomic_dir(self.checkpoint) as tmp:
+                _write_manifest(tmp)
+        with atomic_dir(self.checkpoint_pending) as tmp:
             save_file(checkpoint.global_tensors, tmp / "global.safetensors")
             save_file(checkpoint.server_optimizer, tmp / "server_optimizer.safetensors")
             torch.save(checkpoint.rng, tmp / "rng.pt")
@@ -99,65 +144,264 @@ class RunDir:
                 "round": checkpoint.round,
                 "client_rounds": checkpoint.client_rounds,
                 "metrics_bytes": checkpoint.metrics_bytes,
+                "metrics_sha256": _sha256(self.metrics, checkpoint.metrics_bytes),
             }
             (tmp / _STATE).write_text(json.dumps(state, indent=2))
-        for client in trained:
-            _promote(self.client_dir(client.client_id), checkpoint.round)
+            _write_manifest(tmp)
+        self._finish_commit()
 
     def committed_round(self) -> int:
-        """The round of the last committed checkpoint (0 before the first), read without any recovery."""
-        state_file = self.checkpoint / _STATE
-        return json.loads(state_file.read_text())["round"] if state_file.exists() else 0
+        """The round of the last committed checkpoint (0 before the first), read without verification or recovery."""
+        for directory in (self.checkpoint_pending, self.checkpoint, self.checkpoint_prev):
+            if round_ := _round_in(directory):  # the newest one that reads: a commit may be renaming them
+                return round_
+        return 0
 
     def load_checkpoint(self) -> Checkpoint | None:
-        """The last committed checkpoint (None before the first round completed), after crash recovery."""
-        recover_dir(self.checkpoint)
-        state_file = self.checkpoint / _STATE
-        committed = json.loads(state_file.read_text()) if state_file.exists() else None
-        committed_round = committed["round"] if committed else 0
-        if self.clients.exists():
-            for client_dir in sorted(p for p in self.clients.iterdir() if p.is_dir()):
-                recover_dir(client_dir / "pending")
-                _promote(client_dir, committed_round)
-        metrics_bytes = committed["metrics_bytes"] if committed else 0
+        """The newest intact checkpoint (None before the first round committed), read without changing anything.
+
+        Each damaged newer one is logged as a warning; :class:`CheckpointError` when none is intact.
+        """
+        found = self._newest_intact()
+        return found.checkpoint if found else None
+
+    def recover(self) -> Checkpoint | None:
+        """Crash recovery before a resume; returns the checkpoint to continue from (None: from the start).
+
+        Finishes an interrupted commit, rolls back to the newest intact checkpoint (removing what belongs to
+        later rounds) and truncates ``metrics.jsonl`` to the size it recorded. Raises :class:`CheckpointError`,
+        rolling nothing back, when checkpoints exist but none is intact.
+        """
+        recover_dir(self.checkpoint_pending)  # drop a half-written one
+        self._finish_commit()
+        found = self._newest_intact()
+        if found is not None and found.directory == self.checkpoint_prev:  # checkpoint/ is damaged: roll back
+            _remove(self.checkpoint)
+            os.rename(self.checkpoint_prev, self.checkpoint)
+        client_dirs = found.client_dirs if found else {}
+        for client_id in _names(self.clients) | _names(self.clients_prev):
+            current, prev = self.clients / client_id, self.clients_prev / client_id
+            if client_id not in client_dirs:  # it first trained after the checkpoint
+                _remove(current)
+                _remove(prev)
+            elif client_dirs[client_id] == prev:  # it trained in the round rolled back
+                _remove(current)
+                os.rename(prev, current)
         if self.metrics.exists():
             with self.metrics.open("r+") as f:
-                f.truncate(metrics_bytes)
-        if committed is None:
-            return None
-        return Checkpoint(
-            round=committed_round,
-            global_tensors=load_file(self.checkpoint / "global.safetensors"),
-            server_optimizer=load_file(self.checkpoint / "server_optimizer.safetensors"),
-            client_rounds=committed["client_rounds"],
-            metrics_bytes=metrics_bytes,
-            rng=torch.load(self.checkpoint / "rng.pt", weights_only=True),
+                f.truncate(found.checkpoint.metrics_bytes if found else 0)
+        return found.checkpoint if found else None
+
+    def load_client(self, client_id: str, last_round: int) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
+        """A client's saved personal tensors and local optimizer state after it trained in ``last_round``
+        (verified against its manifest)."""
+        directory = self._client_state(client_id, last_round)
+        return load_file(directory / _PERSONAL), torch.load(directory / _OPTIMIZER, weights_only=True)
+
+    def _finish_commit(self) -> None:
+        """Step 4: rotate a pending checkpoint in, then the pending client states of a committed round; drop
+        those of a later round (their commit never happened)."""
+        if self.checkpoint_pending.exists():
+            _rotate(self.checkpoint_pending, self.checkpoint, self.checkpoint_prev)
+        committed = _round_in(self.checkpoint)
+        for client_id in sorted(_names(self.clients_pending)):
+            pending = self.clients_pending / client_id
+            if 0 < _round_in(pending) <= committed:
+                _rotate(pending, self.clients / client_id, self.clients_prev / client_id)
+        _remove(self.clients_pending)  # now only uncommitted states and temporaries
+
+    def _newest_intact(self) -> _Intact | None:
+        """The newest intact checkpoint (None if there is none at all); each damaged newer one is logged."""
+        damaged = []
+        for directory in (self.checkpoint_pending, self.checkpoint, self.checkpoint_prev):
+            if not directory.exists():
+                continue
+            try:
+                found = self._read_checkpoint(directory)
+            except CheckpointError as error:
+                logger.warning("checkpoint %s is damaged: %s", directory, error)
+                damaged.append(str(error))
+                continue
+            if damaged:
+                logger.warning(
+                    "falling back to %s (round %d), the newest intact checkpoint", directory, found.checkpoint.round
+                )
+            return found
+        if damaged:
+            raise CheckpointError(
+                f"{self.path} has no intact checkpoint left: {'; '.join(damaged)}. Nothing was rolled back; "
+                "restore the damaged files or start a new run"
+            )
+        return None
+
+    def _read_checkpoint(self, directory: Path) -> _Intact:
+        _verify(directory)
+        state = json.loads((directory / _STATE).read_text())
+        size, digest = state["metrics_bytes"], state["metrics_sha256"]
+        held = self.metrics.stat().st_size if self.metrics.exists() else 0
+        if held < size:
+            raise CheckpointError(f"{self.metrics} is truncated: {held} bytes, but {directory} recorded {size}")
+        if _sha256(self.metrics, size) != digest:
+            raise CheckpointError(f"{self.metrics}: its first {size} bytes do not match the SHA-256 in {directory}")
+        client_dirs = {cid: self._client_state(cid, last) for cid, last in state["client_rounds"].items()}
+        checkpoint = Checkpoint(
+            round=state["round"],
+            global_tensors=load_file(directory / "global.safetensors"),
+            server_optimizer=load_file(directory / "server_optimizer.safetensors"),
+            client_rounds=state["client_rounds"],
+            metrics_bytes=size,
+            rng=torch.load(directory / "rng.pt", weights_only=True),
+        )
+        return _Intact(checkpoint, directory, client_dirs)
+
+    def _client_state(self, client_id: str, last_round: int) -> Path:
+        """The directory of ``client_id``'s intact state of ``last_round``: pending, current or previous."""
+        damaged = []
+        for parent in (self.clients_pending, self.clients, self.clients_prev):
+            directory = parent / client_id
+            if not directory.exists():
+                continue
+            try:
+                _verify(directory)
+            except CheckpointError as error:
+                damaged.append(str(error))
+                continue
+            if _round_in(directory) == last_round:
+                return directory
+        found = f": {'; '.join(damaged)}" if damaged else ""
+        raise CheckpointError(f"{self.path}: client {client_id} has no intact saved state of round {last_round}{found}")
+
+
+@dataclass
+class _Intact:
+    """A checkpoint that passed verification, where it lies, and where each client state it refers to lies."""
+
+    checkpoint: Checkpoint
+    directory: Path
+    client_dirs: dict[str, Path]
+
+
+def _rotate(pending: Path, current: Path, prev: Path) -> None:
+    """Move ``current`` to ``prev`` (replacing it) and the complete ``pending`` to ``current``.
+
+    While ``pending`` exists, ``current`` is the state it replaces or already moved, so running this again after
+    a crash anywhere in it finishes it.
+    """
+    if current.exists():
+        _remove(prev)
+        prev.parent.mkdir(exist_ok=True)
+        os.rename(current, prev)
+        fsync_dir(prev.parent)
+    current.parent.mkdir(exist_ok=True)
+    os.rename(pending, current)
+    fsync_dir(current.parent)
+
+
+def _remove(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _names(parent: Path) -> set[str]:
+    """The names of the (non-temporary) directories in ``parent``."""
+    if not parent.is_dir():
+        return set()
+    return {p.name for p in parent.iterdir() if p.is_dir() and not p.name.startswith(".")}
+
+
+def _round_in(directory: Path) -> int:
+    """The round in ``directory``'s state.json; 0 if it is missing or unreadable."""
+    try:
+        return int(json.loads((directory / _STATE).read_text())["round"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def _write_manifest(directory: Path) -> None:
+    """Record the size and SHA-256 of every file in ``directory`` in its ``manifest.json``."""
+    files = {
+        file.name: {"bytes": file.stat().st_size, "sha256": _sha256(file)}
+        for file in sorted(directory.iterdir())
+        if file.is_file() and file.name != _MANIFEST
+    }
+    (directory / _MANIFEST).write_text(json.dumps({"files": files}, indent=2))
+
+
+def _verify(directory: Path) -> None:
+    """Raise :class:`CheckpointError` naming each file of ``directory`` that does not match its manifest."""
+    manifest = directory / _MANIFEST
+    try:
+        entries = json.loads(manifest.read_text())["files"]
+        expected = {name: (int(entry["bytes"]), str(entry["sha256"])) for name, entry in entries.items()}
+    except FileNotFoundError:
+        raise CheckpointError(f"{manifest} is missing") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise CheckpointError(f"{manifest} is damaged ({type(error).__name__}: {error})") from None
+    problems = []
+    for name, (size, digest) in expected.items():
+        file = directory / name
+        if not file.is_file():
+            problems.append(f"{file} is missing")
+        elif (held := file.stat().st_size) != size:
+            problems.append(f"{file} has {held} bytes instead of {size}")
+        elif _sha256(file) != digest:
+            problems.append(f"{file} does not match its SHA-256 in {manifest}")
+    if problems:
+        raise CheckpointError("; ".join(problems))
+
+
+def _sha256(path: Path, size: int | None = None) -> str:
+    """The SHA-256 (hex) of ``path``'s contents, or of its first ``size`` bytes (not opened for 0)."""
+    digest = hashlib.sha256()
+    left = math.inf if size is None else size
+    if left:
+        with path.open("rb") as f:
+            while left and (chunk := f.read(min(_MIB, left))):
+                digest.update(chunk)
+                left -= len(chunk)
+    return digest.hexdigest()
+
+
+def check_writable(path: Path) -> None:
+    """Raise unless ``path`` is, or can be created as, a directory this process may write in."""
+    existing = _existing_ancestor(path)
+    if not existing.is_dir():
+        raise NotADirectoryError(f"output directory {path}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"output directory {path}: {existing} is not writable")
+
+
+def estimate_run_bytes(*, shared: int, personal: int, adapter: int, clients: int, rounds: int) -> int:
+    """A conservative bound on the bytes a run directory holds at its peak.
+
+    ``shared``, ``personal`` and ``adapter`` are the byte sizes of the shared tensors, of one client's personal
+    tensors and of all adapter tensors. While a round commits, 3 checkpoints exist (prev, current, pending), each
+    the shared tensors and a server optimizer state of at most 2 moments, and each client up to 3 states, each
+    its personal tensors and a local optimizer state of at most 2 moments; ``global_adapter/`` exists twice while
+    it is replaced. Metrics take at most 2 KiB per client and round, file headers 256 KiB per client, and the
+    config, plot and the rest 16 MiB::
+
+        9 shared + 9 clients personal + 2 adapter + 2 KiB clients rounds + 256 KiB clients + 16 MiB
+    """
+    return 9 * shared + 9 * clients * personal + 2 * adapter + (2 * rounds + 256) * 1024 * clients + 16 * _MIB
+
+
+def check_free_space(path: Path, total: int) -> None:
+    """Raise an OSError unless the file system of ``path`` has room for a run directory of ``total`` bytes,
+    less what ``path`` already holds."""
+    held = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+    needed = total - held
+    free = shutil.disk_usage(_existing_ancestor(path)).free
+    if free < needed:
+        raise OSError(
+            f"not enough free disk space for {path}: the run needs about {needed / _MIB:.1f} MiB more, "
+            f"{free / _MIB:.1f} MiB are free"
         )
 
-    def load_client(self, client_id: str) -> tuple[dict[str, Tensor], dict[str, Any], int] | None:
-        """A client's saved ``(personal tensors, optimizer state, last round)``, or None if it never trained."""
-        client_dir = self.client_dir(client_id)
-        if not (client_dir / _STATE).exists():
-            return None
-        optimizer = torch.load(client_dir / _OPTIMIZER, weights_only=True)
-        last_round = json.loads((client_dir / _STATE).read_text())["round"]
-        return load_file(client_dir / _PERSONAL), optimizer, last_round
 
-
-def _promote(client_dir: Path, committed_round: int) -> None:
-    """Move a committed ``pending/`` state over the client's files; drop one from an uncommitted round."""
-    pending = client_dir / "pending"
-    if not pending.exists():
-        return
-    state_file = pending / _STATE
-    if state_file.exists() and json.loads(state_file.read_text())["round"] > committed_round:
-        shutil.rmtree(pending)
-        return
-    for name in (_PERSONAL, _OPTIMIZER, _STATE):  # state.json last: while it is pending, so is the promotion
-        if (pending / name).exists():
-            os.replace(pending / name, client_dir / name)
-    fsync_dir(client_dir)
-    shutil.rmtree(pending)
+def _existing_ancestor(path: Path) -> Path:
+    """``path`` or its nearest ancestor that exists (file or directory)."""
+    path = path.absolute()
+    return next(p for p in (path, *path.parents) if p.exists())
 
 
 def rng_state() -> dict[str, Any]:

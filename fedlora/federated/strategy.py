@@ -8,10 +8,14 @@ A strategy names the adapter (FedDoRA or PEFT LoRA) and gives every adapter tens
 
 ``two_stage`` trains personal and shared tensors in separate stages with separate optimizers (FedLoRA-Optimizer);
 otherwise both are trained jointly. ``pooled`` trains one client on the union of all clients' training data.
+
+:meth:`Strategy.with_roles` gives a strategy other roles for some tensor kinds (the run setting
+``adapter.tensor_roles``), e.g. ``fedlora-opt`` with ``{"B.direction": "personal"}`` shares the A directions only.
 """
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, ClassVar, Literal
@@ -36,7 +40,7 @@ class Strategy:
 
     name: ClassVar[str]
     adapter: ClassVar[Literal["feddora", "lora"]]
-    roles: ClassVar[Mapping[str, str]]  # tensor kind ("A.direction", ... or "A", "B" for LoRA) -> role
+    roles: Mapping[str, str]  # tensor kind ("A.direction", ... or "A", "B" for LoRA) -> role; a class default
     two_stage: ClassVar[bool] = False
     pooled: ClassVar[bool] = False
 
@@ -53,6 +57,30 @@ class Strategy:
         if self.adapter == "feddora":
             return FedDoRAConfig(**common, tensor_roles=dict(self.roles))
         return LoraConfig(**common)
+
+    def with_roles(self, tensor_roles: Mapping[str, str] | None) -> Strategy:
+        """This strategy with the tensor kinds named in ``tensor_roles`` given those roles (the others keep this
+        strategy's); ``None`` or ``{}`` is this strategy itself. The kinds must be this adapter's, the roles in
+        :data:`ROLES`, and at least one tensor kind must stay trained (shared or personal); otherwise a
+        ``ValueError`` names the key ``adapter.tensor_roles.<kind>``."""
+        if not tensor_roles:
+            return self
+        for kind, role in tensor_roles.items():
+            key = f"adapter.tensor_roles.{kind}"
+            if kind not in self.roles:
+                raise ValueError(
+                    f"{key}: {kind!r} is not a tensor kind of the {self.adapter} adapter of strategy {self.name!r}; "
+                    f"its kinds are {list(self.roles)}"
+                )
+            if role not in ROLES:
+                raise ValueError(f"{key} must be one of {list(ROLES)}; got {role!r}")
+        roles = {**self.roles, **tensor_roles}
+        if all(role == "frozen" for role in roles.values()):
+            kinds = ", ".join(f"adapter.tensor_roles.{kind}" for kind in tensor_roles)
+            raise ValueError(f"{kinds}: every tensor kind would be frozen; at least one must be shared or personal")
+        strategy = copy.copy(self)
+        strategy.roles = roles
+        return strategy
 
     def role(self, parameter_name: str) -> str | None:
         """The role of an adapter parameter, or None for a parameter that is not one of this adapter's tensors."""

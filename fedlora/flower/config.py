@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fedlora.federated.config import RunConfig, build_config
-from fedlora.federated.run import default_output_dir
+from fedlora.federated.run import check_run_dir, default_output_dir
 
 CONFIG_KEY = "fedlora-config"  # the RunConfig as JSON ("" = the defaults)
 SET_KEY = "fedlora-set"  # whitespace-separated key=value overrides of it
@@ -98,11 +98,10 @@ def app_run_config() -> dict[str, Any]:
 
 
 def fresh_output_dir(config: RunConfig) -> RunConfig:
-    """``config`` with an absolute ``output_dir`` (a new timestamped one if unset) that is absent or empty."""
+    """``config`` with an absolute ``output_dir`` (a new timestamped one if unset) that a fresh run can use (see
+    :func:`~fedlora.federated.run.check_run_dir`)."""
     path = Path(config.output_dir or default_output_dir(config)).absolute()
-    if path.exists() and any(path.iterdir()):
-        raise FileExistsError(f"output directory {path} exists and is not empty; choose another output_dir")
-    return replace(config, output_dir=str(path))
+    return check_run_dir(replace(config, output_dir=str(path)), resume=False)
 
 
 def toml_value(value: Any) -> str:

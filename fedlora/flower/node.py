@@ -43,7 +43,7 @@ def build_adapter(config: RunConfig, model_path: str | None = None) -> ClientApp
     """The base model (``model_path`` or ``config.model.name``) with the strategy's seeded initial adapter."""
     dtype = getattr(torch, config.model.dtype) if config.model.dtype else None
     model, tokenizer = load_model_and_tokenizer(model_path or config.model.name, device=config.device, dtype=dtype)
-    strategy = STRATEGIES[config.strategy]
+    strategy = STRATEGIES[config.strategy].with_roles(config.adapter.tensor_roles)
     set_seed(config.seed)
     peft_model = get_peft_model(model, strategy.peft_config(config.adapter))
     return ClientApp(

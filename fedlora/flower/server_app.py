@@ -11,20 +11,20 @@ engine writes there except client state (which stays on the nodes) and the resum
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
-from torch import Tensor
 from tqdm.auto import tqdm
 
-from fedlora.federated.client import ClientApp
 from fedlora.federated.config import RunConfig, save_config
-from fedlora.federated.report import format_table, plot_scores, summarize
+from fedlora.federated.report import format_table, plot_scores, privacy_rows, round_title, summarize, train_rows
+from fedlora.federated.run import publish_adapter
 from fedlora.federated.server import ServerApp as FedLoraServer
-from fedlora.federated.storage import RunDir, atomic_dir, atomic_write
+from fedlora.federated.storage import RunDir, atomic_write
 from fedlora.federated.strategy import STRATEGIES
 from fedlora.flower.config import FlowerSettings, fresh_output_dir, from_run_config
 from fedlora.flower.node import build_adapter
@@ -32,6 +32,7 @@ from fedlora.flower.records import CLIENT_ID, CONFIG, to_record, to_tensors
 from fedlora.flower.strategy import FedLoraStrategy, check_privacy, with_privacy
 
 POLL_SECONDS = 0.2
+logger = logging.getLogger(__name__)
 
 app = ServerApp()
 
@@ -53,7 +54,7 @@ def serve(grid: Grid, config: RunConfig, settings: FlowerSettings) -> Path:
     initial_personal = adapter.snapshot(adapter.names["personal"])
     node_ids = wait_for_nodes(grid, settings.min_nodes_for(config), settings.node_timeout)
     nodes = identify(grid, node_ids, settings.round_timeout)
-    server = FedLoraServer(adapter.snapshot(adapter.names["shared"]), config.server, config.seed)
+    server = FedLoraServer(adapter.snapshot(adapter.names["shared"]), config.server, config.seed, config.privacy)
     fedlora = FedLoraStrategy(server, nodes)
     strategy = with_privacy(fedlora, settings, len(server.sample(1, list(nodes))))
     strategy.summary()
@@ -70,18 +71,20 @@ def serve(grid: Grid, config: RunConfig, settings: FlowerSettings) -> Path:
         if aggregated is None:
             raise RuntimeError(f"round {round_}: the strategy did not aggregate the replies (see the log above)")
         arrays = aggregated
-        rows = [
-            {"round": round_, "split": "train", "client": r.client_id, "num_examples": r.num_examples, **r.metrics}
-            for r in fedlora.results
-        ]
+        rows = train_rows(round_, fedlora.results, fedlora.rejected, fedlora.failures)
+        epsilon = server.epsilon(round_, len(nodes)) if server.privacy else None
+        rows += privacy_rows(round_, epsilon, config.privacy.delta)
         evaluated = round_ % config.eval.every == 0 or round_ == config.rounds
         if evaluated:
             messages = strategy.configure_evaluate(round_, arrays, ConfigRecord(), grid)
             strategy.aggregate_evaluate(round_, exchange(grid, messages, settings.round_timeout))
             summaries = summarize(round_, fedlora.scores)
             rows += [{"round": round_, **row} for row in fedlora.scores] + summaries
-            title = f"round {round_}/{config.rounds} · {config.strategy} · {len(fedlora.results)} client(s)"
-            tqdm.write(format_table(f"{title} · {time.perf_counter() - started:.1f} s", summaries))
+            sampled = len(fedlora.results) + len(fedlora.failures)
+            seconds = time.perf_counter() - started
+            tqdm.write(
+                format_table(round_title(round_, rows, config.rounds, config.strategy, sampled, seconds), summaries)
+            )
         run_dir.append_metrics(rows)
         if evaluated:
             plot_scores(run_dir.read_metrics(), run_dir.plot)
@@ -105,8 +108,13 @@ def identify(grid: Grid, node_ids: Iterable[int], timeout: float) -> dict[str, i
         Message(RecordDict({CONFIG: ConfigRecord()}), dst_node_id=node_id, message_type=MessageType.QUERY)
         for node_id in node_ids
     ]
+    replies = exchange(grid, messages, timeout)
+    if len(replies) < len(messages):
+        raise TimeoutError(f"{len(messages) - len(replies)} SuperNode(s) did not reply within {timeout:.0f} s")
     nodes: dict[str, int] = {}
-    for reply in exchange(grid, messages, timeout):
+    for reply in replies:
+        if reply.has_error():
+            raise RuntimeError(f"SuperNode {reply.metadata.src_node_id} failed: {reply.error.reason}")
         client_id = str(reply.content.config_records[CONFIG][CLIENT_ID])
         if client_id in nodes:
             raise ValueError(f"SuperNodes {nodes[client_id]} and {reply.metadata.src_node_id} both hold {client_id!r}")
@@ -115,27 +123,20 @@ def identify(grid: Grid, node_ids: Iterable[int], timeout: float) -> dict[str, i
 
 
 def exchange(grid: Grid, messages: Iterable[Message], timeout: float) -> list[Message]:
-    """Send ``messages`` and wait for all replies; a node's error reply or a timeout raises."""
+    """Send ``messages`` and return the replies (error replies included) that arrive within ``timeout`` seconds.
+
+    A node that fails replies with an error; one that died gets an error reply from the SuperLink once it misses
+    its heartbeats, or no reply before the deadline. Either way the caller sees fewer good replies than messages.
+    """
+    messages = list(messages)
     pending = set(grid.push_messages(messages))
     deadline = time.monotonic() + timeout
     replies: list[Message] = []
-    while pending:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{len(pending)} SuperNode(s) did not reply within {timeout:.0f} s")
+    while pending and time.monotonic() <= deadline:
         time.sleep(POLL_SECONDS)
         for reply in grid.pull_messages(pending):
             pending.discard(reply.metadata.reply_to_message_id)
-            if reply.has_error():
-                raise RuntimeError(f"SuperNode {reply.metadata.src_node_id} failed: {reply.error.reason}")
             replies.append(reply)
+    if pending:
+        logger.warning("%d of %d message(s) got no reply within %.0f s", len(pending), len(messages), timeout)
     return replies
-
-
-def publish_adapter(
-    adapter: ClientApp, shared: Mapping[str, Tensor], initial_personal: Mapping[str, Tensor], run: RunDir
-) -> None:
-    """Write ``global_adapter/``: the global shared tensors with the initial personal (and frozen) tensors."""
-    adapter.load(shared)
-    adapter.load(initial_personal)
-    with atomic_dir(run.global_adapter) as tmp:
-        adapter.model.save_pretrained(tmp)

@@ -10,7 +10,7 @@ clients train from next.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from logging import INFO
+from logging import INFO, WARNING
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -23,7 +23,7 @@ from flwr.serverapp.strategy import (
 )
 
 from fedlora.federated.config import RunConfig
-from fedlora.federated.message import FitRes
+from fedlora.federated.message import FitRes, Rejection
 from fedlora.federated.report import summarize
 from fedlora.federated.server import ServerApp
 from fedlora.flower.config import CENTRAL_DP, FlowerSettings
@@ -43,7 +43,10 @@ class FedLoraStrategy(Strategy):
         self.nodes = dict(nodes)
         self.clients = {node_id: client_id for client_id, node_id in nodes.items()}
         self.results: list[FitRes] = []
+        self.rejected: list[Rejection] = []
+        self.failures: list[Rejection] = []
         self.scores: list[dict[str, Any]] = []
+        self._sent: list[Message] = []
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -56,17 +59,32 @@ class FedLoraStrategy(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Average the replies' shared tensors by example count and apply the server optimizer."""
-        self.results = []
-        for reply in self._in_client_order(replies):
+        """Aggregate the good replies with the server (which may reject some); returns the new global tensors and
+        the example-weighted means of the accepted clients' training metrics.
+
+        A sampled client whose node sent an error or no reply is a failure; failures and rejections are logged and
+        count against ``server.min_clients`` (see :meth:`ServerApp.aggregate <fedlora.federated.server.ServerApp.
+        aggregate>`, which raises when too few clients are left).
+        """
+        self.results, self.failures = [], []
+        replies_by_client = self._by_client(replies)
+        for client_id in self._sent_to():
+            reply = replies_by_client.get(client_id)
+            if reply is None or reply.has_error():
+                reason = "no reply (node lost or round_timeout passed)" if reply is None else reply.error.reason
+                log(WARNING, "round %d: client %s failed: %s", server_round, client_id, reason)
+                self.failures.append(Rejection(client_id, reason))
+                continue
             metrics = dict(reply.content.metric_records[METRICS])
             num_examples = int(metrics.pop(NUM_EXAMPLES))
             tensors = to_tensors(reply.content.array_records[ARRAYS])
-            self.results.append(FitRes(self.clients[reply.metadata.src_node_id], tensors, num_examples, metrics))
-        self.server.aggregate(self.results)
-        total = sum(r.num_examples for r in self.results)
-        names = sorted({name for r in self.results for name in r.metrics})
-        means = {n: sum(r.metrics.get(n, 0.0) * r.num_examples for r in self.results) / total for n in names}
+            self.results.append(FitRes(client_id, tensors, num_examples, metrics))
+        self.rejected = self.server.aggregate(self.results, server_round, failures=self.failures)
+        left_out = {client_id for client_id, _ in self.rejected}
+        accepted = [r for r in self.results if r.client_id not in left_out]
+        total = sum(r.num_examples for r in accepted)
+        names = sorted({name for r in accepted for name in r.metrics})
+        means = {n: sum(r.metrics.get(n, 0.0) * r.num_examples for r in accepted) / total for n in names}
         return to_record(self.server.global_tensors), MetricRecord(means)
 
     def configure_evaluate(
@@ -76,15 +94,21 @@ class FedLoraStrategy(Strategy):
         return self._messages(MessageType.EVALUATE, server_round, arrays, config, list(self.nodes))
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Collect every client's scores; returns the means over clients (``<split>.<metric>``)."""
+        """Collect the scores of every client that replied (the others are logged); returns the means over them
+        (``<split>.<metric>``)."""
         self.scores = []
-        for reply in self._in_client_order(replies):
+        replies_by_client = self._by_client(replies)
+        for client_id in self._sent_to():
+            reply = replies_by_client.get(client_id)
+            if reply is None or reply.has_error():
+                reason = "no reply" if reply is None else reply.error.reason
+                log(WARNING, "round %d: client %s was not evaluated: %s", server_round, client_id, reason)
+                continue
             by_split: dict[str, dict[str, float]] = {}
             for key, value in reply.content.metric_records[METRICS].items():
                 split, _, metric = key.partition(".")
                 by_split.setdefault(split, {})[metric] = value
-            client = self.clients[reply.metadata.src_node_id]
-            self.scores += [{"split": split, "client": client, **by_split[split]} for split in sorted(by_split)]
+            self.scores += [{"split": split, "client": client_id, **by_split[split]} for split in sorted(by_split)]
         summaries = summarize(server_round, self.scores)
         return MetricRecord({f"{s['split']}.{m}": s[m] for s in summaries for m in s if m not in ("round", "split")})
 
@@ -97,14 +121,21 @@ class FedLoraStrategy(Strategy):
         self, kind: str, server_round: int, arrays: ArrayRecord, config: ConfigRecord, client_ids: list[str]
     ) -> list[Message]:
         content = RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord({**config, ROUND: server_round})})
-        return [
+        self._sent = [
             Message(content, dst_node_id=self.nodes[cid], message_type=kind, group_id=str(server_round))
             for cid in client_ids
         ]
+        return self._sent
 
-    def _in_client_order(self, replies: Iterable[Message]) -> list[Message]:
-        order = {node_id: i for i, node_id in enumerate(self.nodes.values())}
-        return sorted(replies, key=lambda reply: order[reply.metadata.src_node_id])
+    def _sent_to(self) -> list[str]:
+        """The clients of the messages of the last ``configure_*`` call, in client order."""
+        return [self.clients[msg.metadata.dst_node_id] for msg in self._sent]
+
+    def _by_client(self, replies: Iterable[Message]) -> dict[str, Message]:
+        """The replies by the client of the message they answer (the SuperLink's error replies for a lost node come
+        from the SuperLink, so the sender id cannot tell)."""
+        client_of = {msg.metadata.message_id: self.clients[msg.metadata.dst_node_id] for msg in self._sent}
+        return {client_of[reply.metadata.reply_to_message_id]: reply for reply in replies}
 
 
 def with_privacy(strategy: Strategy, settings: FlowerSettings, num_sampled: int) -> Strategy:
@@ -119,7 +150,13 @@ def with_privacy(strategy: Strategy, settings: FlowerSettings, num_sampled: int)
 
 
 def check_privacy(config: RunConfig, settings: FlowerSettings) -> None:
-    """Central DP adds noise to the new global tensors, calibrated for a plain average: it needs FedAvg."""
+    """Central DP adds noise to the new global tensors, calibrated for a plain average: it needs FedAvg. Flower's DP
+    (``dp``) and the engine's (``privacy.*``) are alternatives, not to be stacked."""
+    if settings.dp != "none" and config.privacy.enabled:
+        raise ValueError(
+            f"dp={settings.dp!r} (Flower's DP) and privacy.noise_multiplier={config.privacy.noise_multiplier} "
+            "(fedlora's DP-FedAvg) are both on; choose one"
+        )
     if settings.dp in CENTRAL_DP and config.server.optimizer != "fedavg":
         raise ValueError(
             f"dp={settings.dp!r} calibrates its noise for an average of the clients' tensors; it needs "

@@ -68,13 +68,8 @@ class FedDoRALayer(BaseTunerLayer):
             raise TypeError(f"FedDoRA supports nn.Linear and transformers Conv1D base layers, got {type(base)}.")
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, config: FedDoRAConfig) -> None:
-        """Create (or re-create) adapter ``adapter_name`` with rank ``r`` on this layer."""
-        if r > min(self.in_features, self.out_features):
-            warnings.warn(
-                f"FedDoRA rank {r} exceeds min(in_features={self.in_features}, out_features={self.out_features}); "
-                "the update cannot have full rank r.",
-                stacklevel=2,
-            )
+        """Create (or re-create) adapter ``adapter_name`` with rank ``r`` on this layer (``FedDoRAModel`` checks
+        that r ≤ min(in_features, out_features))."""
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.scaling[adapter_name] = lora_alpha / (math.sqrt(r) if config.use_rslora else r)

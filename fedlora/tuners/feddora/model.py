@@ -42,6 +42,7 @@ class FedDoRAModel(BaseTuner):
         r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), current_key), config.r)
         alpha_key = get_pattern_key(config.alpha_pattern.keys(), current_key)
         lora_alpha = config.alpha_pattern.get(alpha_key, config.lora_alpha)
+        _check_rank(r, current_key, target)
         if isinstance(target, FedDoRALayer):
             target.update_layer(adapter_name, r, lora_alpha, config)
             return
@@ -67,3 +68,20 @@ class FedDoRAModel(BaseTuner):
                 "only torch.nn.Linear and transformers' Conv1D are supported."
             )
         return Linear(target, adapter_name, config=config, **kwargs)
+
+
+def _check_rank(r: int, key: str, target: nn.Module) -> None:
+    """ΔW = s·B·A of a layer with in_features k and out_features d has rank at most min(k, d), so a larger ``r`` is
+    an error naming the layer and its shape (layers of other types are rejected by ``_create_new_module``)."""
+    base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+    if not isinstance(base, nn.Linear | Conv1D):
+        return
+    in_features, out_features = (
+        (base.in_features, base.out_features) if isinstance(base, nn.Linear) else base.weight.shape
+    )
+    if r > min(in_features, out_features):
+        raise ValueError(
+            f"FedDoRA rank r={r} is too large for layer {key!r} (in_features={in_features}, "
+            f"out_features={out_features}): the update has rank at most {min(in_features, out_features)}; lower r "
+            "(or its rank_pattern entry) or leave the layer out of target_modules."
+        )
