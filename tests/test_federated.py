@@ -175,6 +175,22 @@ def test_messages_carry_exactly_the_shared_tensors(strategy, make_config, run, e
         assert not any(v.shape == value.shape and torch.equal(v, value) for v in on_server)
 
 
+def test_no_raw_example_reaches_the_server(make_config, run, exchanges, data_file):
+    """A client sends tensors, its example count and float training metrics; no text of its examples (instruction,
+    context or response) appears in any message or in any file outside the clients' own directories."""
+    run_dir = run(make_config())
+    for _, res in exchanges:
+        assert all(isinstance(value, float) for value in res.metrics.values())
+    server_files = [
+        p for p in run_dir.rglob("*") if p.is_file() and not p.relative_to(run_dir).parts[0].startswith("clients")
+    ]
+    assert {p.relative_to(run_dir).parts[0] for p in server_files} >= {"checkpoint", "global_adapter", "metrics.jsonl"}
+    rows = [json.loads(line) for line in data_file.read_text().splitlines()]
+    texts = {row[key] for row in rows for key in ("instruction", "context", "response") if row[key]}
+    contents = [p.read_bytes() for p in server_files]
+    assert not [text for text in texts if any(text.encode() in content for content in contents)]
+
+
 # ------------------------------------------------------------------------------------------------- aggregation
 
 
