@@ -66,15 +66,9 @@ class FedLoraStrategy(Strategy):
         count against ``server.min_clients`` (see :meth:`ServerApp.aggregate <fedlora.federated.server.ServerApp.
         aggregate>`, which raises when too few clients are left).
         """
-        self.results, self.failures = [], []
-        replies_by_client = self._by_client(replies)
-        for client_id in self._sent_to():
-            reply = replies_by_client.get(client_id)
-            if reply is None or reply.has_error():
-                reason = "no reply (node lost or round_timeout passed)" if reply is None else reply.error.reason
-                log(WARNING, "round %d: client %s failed: %s", server_round, client_id, reason)
-                self.failures.append(Rejection(client_id, reason))
-                continue
+        good, self.failures = self._split_replies(replies, server_round, "failed")
+        self.results = []
+        for client_id, reply in good:
             metrics = dict(reply.content.metric_records[METRICS])
             num_examples = int(metrics.pop(NUM_EXAMPLES))
             tensors = to_tensors(reply.content.array_records[ARRAYS])
@@ -97,13 +91,8 @@ class FedLoraStrategy(Strategy):
         """Collect the scores of every client that replied (the others are logged); returns the means over them
         (``<split>.<metric>``)."""
         self.scores = []
-        replies_by_client = self._by_client(replies)
-        for client_id in self._sent_to():
-            reply = replies_by_client.get(client_id)
-            if reply is None or reply.has_error():
-                reason = "no reply" if reply is None else reply.error.reason
-                log(WARNING, "round %d: client %s was not evaluated: %s", server_round, client_id, reason)
-                continue
+        good, _ = self._split_replies(replies, server_round, "was not evaluated")
+        for client_id, reply in good:
             by_split: dict[str, dict[str, float]] = {}
             for key, value in reply.content.metric_records[METRICS].items():
                 split, _, metric = key.partition(".")
@@ -127,15 +116,27 @@ class FedLoraStrategy(Strategy):
         ]
         return self._sent
 
-    def _sent_to(self) -> list[str]:
-        """The clients of the messages of the last ``configure_*`` call, in client order."""
-        return [self.clients[msg.metadata.dst_node_id] for msg in self._sent]
+    def _split_replies(
+        self, replies: Iterable[Message], server_round: int, failed: str
+    ) -> tuple[list[tuple[str, Message]], list[Rejection]]:
+        """The replies to the messages of the last ``configure_*`` call, in client order: ``(client id, reply)`` for
+        the good ones, and the clients whose node sent an error or no reply (logged as ``failed``) with why.
 
-    def _by_client(self, replies: Iterable[Message]) -> dict[str, Message]:
-        """The replies by the client of the message they answer (the SuperLink's error replies for a lost node come
-        from the SuperLink, so the sender id cannot tell)."""
+        Replies are matched to clients by the message they answer: the SuperLink's error reply for a lost node
+        comes from the SuperLink, so its sender cannot tell."""
         client_of = {msg.metadata.message_id: self.clients[msg.metadata.dst_node_id] for msg in self._sent}
-        return {client_of[reply.metadata.reply_to_message_id]: reply for reply in replies}
+        by_client = {client_of[reply.metadata.reply_to_message_id]: reply for reply in replies}
+        good, failures = [], []
+        for msg in self._sent:
+            client_id = self.clients[msg.metadata.dst_node_id]
+            reply = by_client.get(client_id)
+            if reply is None or reply.has_error():
+                reason = "no reply (node lost or round-timeout passed)" if reply is None else reply.error.reason
+                log(WARNING, "round %d: client %s %s: %s", server_round, client_id, failed, reason)
+                failures.append(Rejection(client_id, reason))
+            else:
+                good.append((client_id, reply))
+        return good, failures
 
 
 def with_privacy(strategy: Strategy, settings: FlowerSettings, num_sampled: int) -> Strategy:
