@@ -8,34 +8,38 @@ the data, the partition and the seed:
 
 * the strategies ``fedlora-opt`` (FedDoRA, directions shared, magnitudes personal), ``fedit``, ``ffa-lora``,
   ``fedsa-lora``, ``fed-dora`` (all four FedDoRA tensors shared), ``local`` and ``centralized``;
+* ``fedlora-opt/shared-A-direction``: ``adapter.tensor_roles={"B.direction": "personal"}``, only the A directions
+  are shared. With ``fedlora-opt`` (A and B directions) and ``fed-dora`` (directions and magnitudes) this is the
+  ablation of which tensors are shared;
 * ``fedlora-opt/no-local-stage``: ``client.local_steps=0``. The magnitudes then keep their initial values and
   m_B = 0 makes B = 0, so no adapter tensor gets a gradient: this row is the base model, the reference every
   other row improves on;
-* ``fedlora-opt/fedadam``: the server applies FedAdam (``server.lr=1e-2``) instead of FedAvg.
+* ``fedlora-opt/fedadam``: the server applies FedAdam (``server.lr=1e-2``) instead of FedAvg;
+* ``fedlora-opt/local-lr-0.1``: the local stage trains the magnitudes at ``client.local_lr=0.1`` instead of 1e-2.
+  A FedDoRA factor is V·diag(m/‖V‖_col), so a column of B has norm m_B[j] however long it is, while an AdamW step
+  at lr moves every entry of a LoRA B column by about lr (its norm by about lr·√d_out); starting from m_B = 0,
+  FedDoRA's update therefore grows far more slowly than LoRA's at comparable learning rates.
 
-Which FedDoRA tensors are shared is the rest of the ablation: A and B directions is ``fedlora-opt``, all four
-tensors is ``fed-dora``. Sharing the A direction only would need a ``tensor_roles`` setting, which the engine
-does not expose (the roles belong to the strategy class), so that variant is not run.
-
-Presets: ``cpu`` (sized for a loaded 2-core machine, about 25 minutes with ``--cpu-threads 1``: 2 rounds, half
-of the 8 clients sampled per round, 2 steps of batch 1 per client and round, 64-token sequences, 20 examples per
-client, evaluation after the last round only, on a 4-example global test set, ROUGE-L of 1 example with 8 new
-tokens) and ``gpu`` (the whole of Dolly, 10 rounds of 20 steps, all clients, 192 tokens, 200 global test examples,
-20 ROUGE examples with 64 new tokens, ``device=cuda``). ``--model``, ``--data`` and ``--set key=value`` adjust any
-preset (the tests run a tiny model). The CPU preset keeps only the Dolly rows whose instruction + context have at
-most 600 characters (``--max-prompt-chars``; all 8 categories keep at least 300 rows), because greedy generation
-on the engine's 512-token prompts dominates CPU evaluation time. On a shared CPU, ``--cpu-threads 1`` is several
-times faster than torch's default.
+Presets: ``cpu`` (sized for a loaded 2-core machine, 22–28 minutes per partition with ``--cpu-threads 1``: 3
+rounds, half of the 8 clients sampled per round, 4 steps of batch 1 per client and round (``fedlora-opt``: 2 local
++ 2 global), 64-token sequences, 160 examples in all (at least 5 per client, so every Dolly category can be a
+client), evaluation after every round of the loss on a 4-example global test set and each client's test split, no
+ROUGE-L: one greedy generation costs as much as a few training steps here) and ``gpu`` (the whole of Dolly, 10
+rounds of 20 steps, all clients, 192 tokens, 200 global test examples, 20 ROUGE examples with 64 new tokens,
+evaluation after every round, ``device=cuda``). ``--model``, ``--data`` and ``--set key=value`` adjust any preset
+(the tests run a tiny model). The CPU preset keeps only the Dolly rows whose instruction + context have at most
+600 characters (``--max-prompt-chars``; all 8 categories keep at least 300 rows), because long prompts dominate
+CPU evaluation time. On a shared CPU, ``--cpu-threads 1`` is several times faster than torch's default.
 
 After each variant, one row is appended to ``<results-dir>/federated-<preset>-<partition>-<UTC date>.jsonl`` and
 the markdown table (``.md``) and curves (``.png``) of all rows of that file are rewritten, so an interrupted run
 leaves a consistent partial report. A variant whose run directory exists is resumed (``--resume``) from its
 checkpoint; its ``wall_s`` then counts only this invocation. Row fields: ``variant, strategy, overrides, final_round,
-global``/``local`` (``loss``, ``perplexity``, ``rougeL`` and their ``_std`` over clients at the final round),
-``curves`` (the same per evaluated round), ``bytes_sent_per_round`` (the shared tensors' bytes × the clients that
-trained in a round, client → server), ``shared_params``, ``personal_params`` (per client), ``trainable_params``,
-``wall_s``, ``resumed``, ``run_dir``, ``command``, ``seed``, ``preset``, ``partition``, ``date``, ``machine`` and
-``config`` (the resolved run configuration).
+global``/``local`` (``loss``, ``perplexity``, ``rougeL`` if evaluated, and their ``_std`` over clients at the final
+round), ``curves`` (the same per evaluated round), ``bytes_sent_per_round`` (the shared tensors' bytes × the
+clients that trained in a round, client → server), ``shared_params``, ``personal_params`` (per client),
+``trainable_params``, ``wall_s``, ``resumed``, ``run_dir``, ``command``, ``seed``, ``preset``, ``partition``,
+``date``, ``machine`` and ``config`` (the resolved run configuration).
 """
 
 from __future__ import annotations
@@ -76,19 +80,19 @@ COMMON = {
 }
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {
-        "rounds": 2,
+        "rounds": 3,
         "server.fraction": 0.5,
         "data.num_clients": 8,
         "data.max_examples": 160,
+        "data.min_examples": 5,
         "data.max_length": 64,
         "data.global_test_size": 4,
         "client.batch_size": 1,
-        "client.steps": 2,
-        "client.local_steps": 1,
-        "client.global_steps": 1,
-        "eval.every": 2,
-        "eval.rouge_examples": 1,
-        "eval.max_new_tokens": 8,
+        "client.steps": 4,
+        "client.local_steps": 2,
+        "client.global_steps": 2,
+        "eval.every": 1,
+        "eval.rouge_examples": 0,
     },
     "gpu": {
         "rounds": 10,
@@ -119,8 +123,10 @@ class Variant:
 
 STRATEGY_NAMES = ("fedlora-opt", "fedit", "ffa-lora", "fedsa-lora", "fed-dora", "local", "centralized")
 VARIANTS = [Variant(name, name) for name in STRATEGY_NAMES] + [
+    Variant("fedlora-opt/shared-A-direction", "fedlora-opt", {"adapter.tensor_roles": {"B.direction": "personal"}}),
     Variant("fedlora-opt/no-local-stage", "fedlora-opt", {"client.local_steps": 0}),
     Variant("fedlora-opt/fedadam", "fedlora-opt", {"server.optimizer": "fedadam", "server.lr": 1e-2}),
+    Variant("fedlora-opt/local-lr-0.1", "fedlora-opt", {"client.local_lr": 0.1}),
 ]
 VARIANTS_BY_NAME = {variant.name: variant for variant in VARIANTS}
 PROMPT_CHARS = {"cpu": 600, "gpu": None}  # Dolly rows kept: instruction + context of at most this many characters
@@ -216,13 +222,14 @@ def tensor_stats(tensors: Mapping[str, torch.Tensor]) -> tuple[int, int]:
 
 
 def communication(run: RunDir) -> dict[str, Any]:
-    """Shared and personal parameter counts, and client → server bytes per round (shared bytes × senders)."""
+    """Shared and personal parameter counts, and client → server bytes per round (shared bytes × senders: the
+    clients whose training completed, including any whose update the server rejected)."""
     shared_params, shared_bytes = tensor_stats(load_file(run.checkpoint / "global.safetensors"))
     personal_files = sorted(run.clients.glob("*/personal.safetensors"))
     personal_params = tensor_stats(load_file(personal_files[0]))[0] if personal_files else 0
     senders: dict[int, int] = {}
     for row in run.read_metrics():
-        if row["split"] == "train":
+        if row["split"] == "train" and row.get("status") != "failed":
             senders[row["round"]] = senders.get(row["round"], 0) + 1
     bytes_per_round = [shared_bytes * senders[round_] for round_ in sorted(senders)]
     return {
@@ -282,11 +289,22 @@ def _cell(scores: Mapping[str, Any] | None, metric: str) -> str:
     return f"{scores[metric]:.3f} ± {scores[metric + '_std']:.3f}"
 
 
+def evaluated_metrics(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Of ``loss`` and ``rougeL``, those some row has a score for (ROUGE-L only when ``eval.rouge_examples`` > 0)."""
+    return [
+        metric for metric in ("loss", "rougeL") if any(metric in row.get(s, {}) for row in rows for s in EVAL_SPLITS)
+    ]
+
+
 def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """One line per variant: final global and local ROUGE-L and loss (mean ± std over clients), traffic, size."""
-    header = (
-        "| variant | strategy | overrides | global ROUGE-L | global loss | local ROUGE-L | local loss "
-        "| MB sent / round | trainable | personal / client | wall s |"
+    """One line per variant: final global and local ROUGE-L (if evaluated) and loss (mean ± std over clients),
+    traffic, size."""
+    scores = [(split, metric) for split in EVAL_SPLITS for metric in reversed(evaluated_metrics(rows))]
+    titles = {"loss": "loss", "rougeL": "ROUGE-L"}
+    header = " | ".join(
+        ["| variant", "strategy", "overrides"]
+        + [f"{split} {titles[metric]}" for split, metric in scores]
+        + ["MB sent / round", "trainable", "personal / client", "wall s |"]
     )
     lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
     for row in rows:
@@ -296,10 +314,7 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
             row["variant"],
             row["strategy"],
             overrides,
-            _cell(row.get("global"), "rougeL"),
-            _cell(row.get("global"), "loss"),
-            _cell(row.get("local"), "rougeL"),
-            _cell(row.get("local"), "loss"),
+            *(_cell(row.get(split), metric) for split, metric in scores),
             f"{sent:.2f}",
             f"{row['trainable_params']:,}",
             f"{row['personal_params']:,}",
@@ -310,14 +325,18 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
 
 
 def plot_curves(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
-    """Global and local loss and ROUGE-L (means over clients) per round, one line per variant, as a PNG."""
-    panels = [(split, metric) for metric in ("loss", "rougeL") for split in EVAL_SPLITS]
-    figure = Figure(figsize=(11, 8), layout="constrained")
-    for axes, (split, metric) in zip(figure.subplots(2, 2).flat, panels, strict=True):
+    """Global and local loss and ROUGE-L (if evaluated; means over clients) per round, one line per variant
+    (ablations dashed), as a PNG."""
+    metrics = evaluated_metrics(rows)
+    panels = [(split, metric) for metric in metrics for split in EVAL_SPLITS]
+    figure = Figure(figsize=(11, 4 * len(metrics)), layout="constrained")
+    for axes, (split, metric) in zip(figure.subplots(len(metrics), 2, squeeze=False).flat, panels, strict=True):
         key = f"{split}_{metric}"
         for row in rows:
             points = [point for point in row["curves"] if key in point]
-            axes.plot([p["round"] for p in points], [p[key] for p in points], marker="o", label=row["variant"])
+            style = "--" if row["overrides"] else "-"  # ablations dashed, so colours may repeat past 10 rows
+            rounds, values = [p["round"] for p in points], [p[key] for p in points]
+            axes.plot(rounds, values, marker="o", linestyle=style, label=row["variant"])
         axes.set_title(f"{split} {metric} (mean over clients)")
         axes.set_xlabel("round")
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))

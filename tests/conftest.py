@@ -1,4 +1,8 @@
-"""Test-session setup: Triton runs under its CPU interpreter when no GPU is present."""
+"""Test-session setup: Triton runs under its CPU interpreter when no GPU is present; torch runs on one CPU thread.
+
+One thread: the test models are tiny, so threads buy nothing, and ``tests/test_faults.py`` forks runs to kill them,
+which hangs once the parent has started an OpenMP thread pool (GNU OpenMP does not survive ``fork``).
+"""
 
 import os
 
@@ -7,6 +11,7 @@ import torch
 if not torch.cuda.is_available():
     # Must be set before any module decorates a kernel with @triton.jit.
     os.environ.setdefault("TRITON_INTERPRET", "1")
+torch.set_num_threads(1)
 
 
 def pytest_terminal_summary(terminalreporter):
