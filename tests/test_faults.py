@@ -202,7 +202,10 @@ def test_kill_9_of_the_fedlora_command_then_resume_equals_an_uninterrupted_run(r
     process group once round 1 has committed, then the same command with ``--resume``."""
     out = tmp_path / "run"
     command = [sys.executable, "-m", "fedlora.cli", *train_argv(out)]
-    process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # sums in torch depend on the thread count
+    process = subprocess.Popen(
+        command, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     try:
         deadline = time.monotonic() + 300
         while RunDir(out).committed_round() < 1:
