@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
@@ -393,10 +394,10 @@ def _signal_group(process: subprocess.Popen, sig: int) -> None:
 
 
 @pytest.fixture
-def federation(tmp_path, monkeypatch) -> Iterator[tuple[str, list[Path]]]:
+def federation(tmp_path, monkeypatch) -> Iterator[tuple[str, list[Path], list[subprocess.Popen]]]:
     """A SuperLink and two SuperNodes (partitions 0 and 1) on 127.0.0.1, on free ports; yields the SuperLink's
-    address and the nodes' wire logs. All processes are stopped afterwards, pass or fail (their logs are printed,
-    which pytest shows for a failed test)."""
+    address, the nodes' wire logs and their processes. All processes are stopped afterwards, pass or fail (their
+    logs are printed, which pytest shows for a failed test)."""
     monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")  # also for the `flwr` commands run_flower runs
     monkeypatch.setenv("FLWR_DISABLE_UPDATE_CHECK", "1")
     env = {
@@ -421,7 +422,7 @@ def federation(tmp_path, monkeypatch) -> Iterator[tuple[str, list[Path]]]:
             "--disable-runtime-dependency-installation",
         )
         wait_for_port(port, superlink, timeout=60)
-        for i, wire in enumerate(wires):
+        nodes = [
             group.start(
                 f"supernode-{i}",
                 "flower-supernode",
@@ -433,17 +434,53 @@ def federation(tmp_path, monkeypatch) -> Iterator[tuple[str, list[Path]]]:
                 "--node-config",
                 f'partition-id={i} num-partitions=2 wire-log="{wire}"',
             )
-        yield f"127.0.0.1:{port}", wires
+            for i, wire in enumerate(wires)
+        ]
+        yield f"127.0.0.1:{port}", wires, nodes
     finally:
         group.stop()
         print(group.tail())
 
 
 def test_superlink_and_supernodes_give_the_in_process_run(federation, reference, make_config, roles):
-    address, wires = federation
+    address, wires, _ = federation
     config = make_config("flower")
     run_dir = run_flower(config, address, timeout=FLOWER_TIMEOUT)
     assert run_dir == Path(config.output_dir)
     assert_same_run(run_dir, reference)  # directions trained and averaged; magnitudes at their initial values
     for wire in wires:
         assert_only_shared_tensors_on_the_wire(wire, roles)
+
+
+def kill_when_training(node: subprocess.Popen, wire: Path, killed: threading.Event) -> None:
+    """SIGKILL ``node``'s process group (the SuperNode and its ClientApp) once its wire log shows a train message
+    received and no reply sent yet."""
+    while node.poll() is None:
+        entries = [json.loads(line) for line in wire.read_text().splitlines()] if wire.exists() else []
+        if [(e["type"], e["direction"]) for e in entries if e["type"] == "train"] == [("train", "in")]:
+            _signal_group(node, signal.SIGKILL)
+            killed.set()
+            return
+        time.sleep(0.02)
+
+
+@pytest.mark.fault
+def test_a_supernode_killed_mid_round_is_left_out(federation, without_client_1, make_config):
+    """``kill -9`` of SuperNode 1 while it trains in round 1: with server.min_clients=1 both rounds aggregate node
+    0 alone, as the in-process engine does when client_1's fit raises, and the failure is in metrics.jsonl."""
+    address, wires, nodes = federation
+    killed = threading.Event()
+    killer = threading.Thread(target=kill_when_training, args=(nodes[1], wires[1], killed), daemon=True)
+    killer.start()
+    settings = FlowerSettings(min_nodes=2, round_timeout=20.0)
+    run_dir = run_flower(make_config("killed"), address, settings=settings, timeout=FLOWER_TIMEOUT)
+    assert killed.is_set()
+    assert not [line for line in wires[1].read_text().splitlines() if '"out"' in line and '"train"' in line]
+    got, expected = adapter_tensors(run_dir), adapter_tensors(without_client_1)
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, **TOLERANCE, msg=name)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(row["round"], row["client"]) for row in rows if row.get("status") == "failed"] == [
+        (1, "client_1"),
+        (2, "client_1"),
+    ]
