@@ -21,7 +21,7 @@ from fedlora.federated.config import build_config, load_config, save_config
 from fedlora.federated.run import _check_adapter_dir, evaluate_run, train
 from fedlora.federated.strategy import STRATEGIES
 from fedlora.models import load_model_and_tokenizer
-from tests.tiny import tiny_llama, tiny_tokenizer
+from tests.tiny import save_tiny_model, tiny_llama, tiny_tokenizer
 
 ROWS = [
     {"instruction": f"What is {i} plus {i}?", "context": "", "response": f"It is {2 * i}.", "category": f"c{i % 2}"}
@@ -76,11 +76,7 @@ def rows_file(tmp_path) -> Path:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    tokenizer = tiny_tokenizer()
-    path = tmp_path_factory.mktemp("models") / "tiny-llama"
-    tiny_llama(len(tokenizer)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama")
 
 
 # ---------------------------------------------------------------------------- configuration, strategy, adapter shape

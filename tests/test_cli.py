@@ -8,15 +8,7 @@ from pathlib import Path
 import pytest
 
 from fedlora.cli import main
-from tests.tiny import tiny_llama, tiny_tokenizer
-
-
-def save_tiny_model(path: Path) -> Path:
-    """A tiny random Llama and its tokenizer saved as a local model directory, as ``--model`` takes it."""
-    tokenizer = tiny_tokenizer()
-    tiny_llama(len(tokenizer)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+from tests.tiny import save_tiny_model
 
 
 def write_rows(path: Path, count: int = 40) -> Path:

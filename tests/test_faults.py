@@ -33,8 +33,9 @@ from safetensors import SafetensorError
 from fedlora.cli import main
 from fedlora.federated import run, storage
 from fedlora.federated.storage import RunDir
-from tests.test_cli import save_tiny_model, write_rows
+from tests.test_cli import write_rows
 from tests.test_federated import final_state
+from tests.tiny import save_tiny_model
 
 ROUNDS = 4
 SETTINGS = [

@@ -37,7 +37,7 @@ from fedlora.flower.client_app import app as client_app
 from fedlora.flower.config import app_run_config, from_run_config, to_run_config
 from fedlora.flower.node import build_adapter, load_node
 from fedlora.flower.server_app import serve
-from tests.tiny import tiny_llama, tiny_tokenizer
+from tests.tiny import save_tiny_model
 
 FLOWER_TIMEOUT = 360  # seconds the whole Flower run may take before it is stopped (and the test fails)
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}  # SuperNodes run torch single-threaded, the reference does not
@@ -50,11 +50,7 @@ PARTITIONS = [{"partition-id": 0, "num-partitions": 2}, {"partition-id": 1, "num
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """The tiny Llama and its tokenizer, saved where every process can load them."""
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = tiny_tokenizer()
-    tiny_llama(len(tokenizer)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="module")
@@ -269,11 +265,7 @@ def without_client_1(model_dir, data_file, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def other_model_dir(tmp_path_factory) -> Path:
     """A tiny Llama with a third layer: a node given it has adapter tensors the server does not send."""
-    path = tmp_path_factory.mktemp("other-llama")
-    tokenizer = tiny_tokenizer()
-    tiny_llama(len(tokenizer), num_hidden_layers=3).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_model(tmp_path_factory.mktemp("other-llama"), num_hidden_layers=3)
 
 
 @pytest.mark.fault

@@ -7,6 +7,8 @@ every run; like Llama's it prepends ``<s>`` and has an EOS but no pad token. The
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -70,3 +72,12 @@ def tiny_gpt2(vocab_size: int = DEFAULT_VOCAB, seed: int = 0) -> GPT2LMHeadModel
         vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=MAX_POSITIONS, bos_token_id=0, eos_token_id=1
     )
     return GPT2LMHeadModel(config)
+
+
+def save_tiny_model(path: Path, **overrides: int) -> Path:
+    """A tiny random Llama (``overrides``: other LlamaConfig values) and its tokenizer saved as a local model
+    directory, as ``--model`` takes it."""
+    tokenizer = tiny_tokenizer()
+    tiny_llama(len(tokenizer), **overrides).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
