@@ -2,6 +2,10 @@
 
 With no flags, ``fedlora train`` runs the quickstart: the packaged SmolLM2-135M-Instruct, the packaged Dolly
 sample split over 4 clients (Dirichlet over category), FedLoRA-Optimizer for a few short rounds on the CPU.
+
+Errors: one handler (:func:`main`) turns every expected error (bad settings, files, directories, a damaged run, a
+full disk, Ctrl-C) into ``fedlora: error: ...`` naming the file, key or flag, and a non-zero exit status; an
+unexpected exception prints one line too, and its traceback only with ``--debug``.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ from pathlib import Path
 
 from fedlora.federated.config import load_config
 from fedlora.federated.run import default_output_dir, evaluate_run, train
-from fedlora.federated.storage import CheckpointError, CommitError
+from fedlora.federated.server import RoundError
+from fedlora.federated.storage import CheckpointError, CommitError, RunDir
 from fedlora.federated.strategy import STRATEGIES
 
 # train flag (argparse dest) -> dotted config key
@@ -29,6 +34,8 @@ _FLAG_KEYS = {
     "device": "device",
     "output_dir": "output_dir",
 }
+EXPECTED_ERRORS = (ValueError, OSError, CheckpointError)  # bad settings or files, an unusable directory or disk
+EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,9 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``fedlora`` command; returns the exit status."""
+    """Entry point of the ``fedlora`` command; returns the exit status (argument and input errors exit with 2
+    through ``SystemExit``, as argparse does)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.run_dir_known = None  # train: the run directory, once the settings name it (for the advice on Ctrl-C)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "train":
@@ -75,8 +84,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides = [*args.set, *([f"device={args.device}"] if args.device else [])]
         evaluate_run(args.run_dir, overrides=overrides, progress=not args.no_progress)
         return 0
-    except (ValueError, OSError, CheckpointError) as error:  # bad settings or files, an unusable directory or disk
-        parser.exit(2, f"fedlora: error: {error}\n")
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"\nfedlora: interrupted{_resume_advice(args)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (CommitError, RoundError) as error:  # a round failed; the run directory holds the rounds before it
+        if args.debug:
+            raise
+        print(f"fedlora: error: {error}{_resume_advice(args)}", file=sys.stderr)
+        return EXIT_ERROR
+    except EXPECTED_ERRORS as error:
+        if args.debug:
+            raise
+        parser.exit(EXIT_USAGE, f"fedlora: error: {_with_flag(error, args)}\n")
+    except Exception as error:  # a bug: one line, the traceback only with --debug
+        if args.debug:
+            raise
+        parser.exit(
+            EXIT_ERROR,
+            f"fedlora: error: unexpected {type(error).__name__}: {error} (this is a bug in fedlora; rerun with "
+            "--debug for the traceback)\n",
+        )
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -84,21 +113,35 @@ def _train(args: argparse.Namespace) -> int:
     config_file = args.config
     if args.resume and config_file is None and args.output_dir is not None:
         saved = Path(args.output_dir) / "config.yaml"  # continue with the saved settings
-        config_file = saved if saved.exists() else None
+        config_file = saved if saved.is_file() else None
+    args.run_dir_known = args.output_dir
     config = load_config(config_file, [*(f"{key}={value}" for key, value in flags.items()), *args.set])
     if config.output_dir is None and not args.resume:
         config = replace(config, output_dir=str(default_output_dir(config)))
-    try:
-        train(config, resume=args.resume, progress=not args.no_progress)
-    except KeyboardInterrupt:
-        print(f"\nfedlora: interrupted; continue with: fedlora train --output-dir {config.output_dir} --resume")
-        return 130
-    except CommitError as error:
-        resume = f"fedlora train --output-dir {config.output_dir} --resume"
-        print(f"fedlora: error: {error}\ncontinue with: {resume}", file=sys.stderr)
-        return 1
+    args.run_dir_known = config.output_dir
+    train(config, resume=args.resume, progress=not args.no_progress)
     print(f"done: {config.output_dir} (global_adapter/, clients/, metrics.jsonl, scores.png)")
     return 0
+
+
+def _resume_advice(args: argparse.Namespace) -> str:
+    """What to do after an interrupted or failed ``train``: resume if its run directory holds a run, else start
+    again (nothing to resume)."""
+    if args.command != "train":
+        return ""
+    if args.run_dir_known is not None and RunDir(args.run_dir_known).config.is_file():
+        return f"; continue with: fedlora train --output-dir {args.run_dir_known} --resume"
+    return "; no run directory was written, so there is nothing to resume: start the run again"
+
+
+def _with_flag(error: BaseException, args: argparse.Namespace) -> str:
+    """The message of ``error``, led by the flag that set the key it names (``--seed: seed must be ...``)."""
+    message = str(error)
+    for dest, key in _FLAG_KEYS.items():
+        flag = f"--{dest.replace('_', '-')}"
+        if getattr(args, dest, None) is not None and message.startswith((f"{key} ", f"{key}:")) and flag not in message:
+            return f"{flag}: {message}"
+    return message
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -111,6 +154,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         help="override any setting, e.g. --set client.local_lr=5e-3 server.optimizer=fedadam",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of any error")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ from pathlib import Path
 
 from datasets import Dataset, load_dataset
 
+from fedlora.files import missing_file_error
+
 logger = logging.getLogger(__name__)
 
 COLUMNS = ("instruction", "context", "response", "label")
@@ -129,7 +131,9 @@ def _read(path: str | Path) -> Dataset | Table:
         except ValueError as error:  # also invalid UTF-8 (UnicodeDecodeError)
             raise ValueError(f"{path}: {error}") from error
     if suffix in _FILE_READERS:
-        raise FileNotFoundError(f"{path}: no such data file")
+        if not local.exists() and not local.is_symlink():
+            raise FileNotFoundError(f"{path}: no such data file")
+        raise missing_file_error(local, "data file")  # a directory, a link loop, a dangling link
     try:
         return load_dataset(str(path), split="train")
     except Exception as error:
@@ -205,9 +209,13 @@ def _load_natural_instruction_task(file: Path) -> Dataset:
         if not isinstance(task, dict) or key not in task:
             raise ValueError(f"{file}: not a Natural Instructions task file (no {key!r} key)")
     definition = task["Definition"]
-    if isinstance(definition, list):
+    if isinstance(definition, list) and all(isinstance(part, str) for part in definition):
         definition = "\n".join(definition)
+    if not isinstance(definition, str):
+        raise ValueError(f"{file}: 'Definition' must be a string or a list of strings; got {reprlib.repr(definition)}")
     instances = task["Instances"]
+    if not isinstance(instances, list):
+        raise ValueError(f"{file}: 'Instances' is {type(instances).__name__}, not a list of instances")
     for number, instance in enumerate(instances, 1):
         if not isinstance(instance, dict):
             raise ValueError(f"{file}: instance {number} is not a JSON object: {reprlib.repr(instance)}")

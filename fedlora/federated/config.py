@@ -19,6 +19,7 @@ import torch
 import yaml
 
 from fedlora.federated.strategy import STRATEGIES
+from fedlora.files import missing_file_error
 
 try:
     import tomllib
@@ -245,7 +246,7 @@ class RunConfig:
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
 
-    rules = {"rounds": _at_least_one}
+    rules = {"rounds": _at_least_one, "seed": (lambda v: 0 <= v < 2**63, "in [0, 2**63)")}
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -254,6 +255,9 @@ class RunConfig:
         if self.client.local_steps + self.client.global_steps == 0:
             raise ValueError("client.local_steps and client.global_steps cannot both be 0")
         for section, prefix in _sections(self):
+            for name in (f.name for f in fields(section)):  # learning rates, clip norms, DP values, ...
+                if isinstance(value := getattr(section, name), float) and not math.isfinite(value):
+                    raise ValueError(f"{prefix}{name} must be finite; got {value!r}")
             for name, (check, description) in section.rules.items():
                 value = getattr(section, name)
                 if value is not None and not check(value):
@@ -289,7 +293,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     """The nested mapping in a ``.toml``, ``.yaml``/``.yml`` or ``.json`` file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file {path} not found")
+        raise missing_file_error(path, "config file")
     suffix = path.suffix.lower()
     try:
         if suffix == ".toml":
@@ -305,7 +309,29 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"config file {path}: {error}") from error
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold a mapping at the top level")
+    try:
+        _check_plain(data, f"config file {path}", "")
+    except RecursionError:  # a YAML anchor that contains itself
+        raise ValueError(f"config file {path}: values nest too deeply (or refer to themselves)") from None
     return data
+
+
+def _check_plain(value: Any, source: str, key: str) -> None:
+    """Raise a ``ValueError`` naming the dotted ``key`` of the first value that is not plain JSON data (a string,
+    number, boolean, null, list, or mapping with string keys), such as a YAML/TOML date or set."""
+    if isinstance(value, dict):
+        for name, item in value.items():
+            if not isinstance(name, str):
+                raise ValueError(f"{source}: key {name!r} under {key or 'the top level'} is not a string")
+            _check_plain(item, source, f"{key}.{name}" if key else name)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_plain(item, source, f"{key}[{i}]")
+    elif value is not None and not isinstance(value, str | int | float):  # bool is an int
+        raise ValueError(
+            f"{source}: {key} holds {type(value).__name__} {value!r}, not a plain value (string, number, boolean, "
+            "null, list or mapping)"
+        )
 
 
 def save_config(config: RunConfig, path: str | Path) -> None:
@@ -388,7 +414,7 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         raise TypeError(f"{key}: unsupported field type {annotation!r}")
     try:
         return coerce(value, args, key)
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, OverflowError) as error:
         if str(error).startswith(key):
             raise
         raise ValueError(f"{key} must be {_describe(annotation)}; got {value!r}") from None

@@ -35,6 +35,13 @@ from transformers import PreTrainedTokenizerBase
 
 from fedlora.data import ClientData, DataConfig, FederatedData, build_federated_data
 from fedlora.data.samples import DOLLY_SAMPLE
+from fedlora.federated.checks import (
+    check_clients,
+    check_device,
+    check_eval_overrides,
+    check_resume_rounds,
+    check_settings,
+)
 from fedlora.federated.client import ClientApp, ClientState
 from fedlora.federated.config import (
     DOLLY_SAMPLE_ALIAS,
@@ -95,12 +102,15 @@ def train(
     config = check_run_dir(config, resume)
     run_dir = RunDir(config.output_dir)
     checkpoint = run_dir.recover() if resume else None  # before the model loads: a damaged run fails fast
-    recover_dir(run_dir.global_adapter)
+    recover_dir(run_dir.inside(run_dir.global_adapter))
     adapter_dir = run_dir.global_adapter if run_dir.global_adapter.exists() else None
     fed = build_federation(config, adapter_dir=adapter_dir, model=model, tokenizer=tokenizer, progress=progress)
+    client_ids = [POOLED_CLIENT] if fed.strategy.pooled else [data.client_id for data in fed.data.clients]
+    check_clients(config, client_ids)  # each its own state directory; server.min_clients not above their number
     check_free_space(run_dir.path, _run_bytes(fed, config))
     run_dir.path.mkdir(parents=True, exist_ok=True)  # only now that the model and data loaded
-    atomic_write(run_dir.config, lambda tmp: save_config(config, tmp))
+    atomic_write(run_dir.inside(run_dir.config), lambda tmp: save_config(config, tmp))
+    run_dir.write_client_names(client_ids)
     app = fed.app
     initial_personal = app.snapshot(app.names["personal"])
     eval_states = {data.client_id: app.new_state(data) for data in fed.data.clients}
@@ -111,7 +121,7 @@ def train(
     if checkpoint is not None:
         _restore(checkpoint, server, train_states, run_dir)
     publish_adapter(app, server.global_tensors, initial_personal, run_dir)  # also repairs one a crash left stale
-    plot_scores(run_dir.read_metrics(), run_dir.plot)
+    plot_scores(run_dir.read_metrics(), run_dir.inside(run_dir.plot))
     start = checkpoint.round if checkpoint else 0
     sizes = [data.num_train_examples for data in fed.data.clients]
     tqdm.write(
@@ -140,7 +150,7 @@ def train(
         with run_dir.committing(round_):  # a failed write (a full disk) names the round the run dir still holds
             run_dir.append_metrics(rows)
             if evaluated:
-                plot_scores(run_dir.read_metrics(), run_dir.plot)
+                plot_scores(run_dir.read_metrics(), run_dir.inside(run_dir.plot))
             checkpoint = Checkpoint(
                 round=round_,
                 global_tensors=server.global_tensors,
@@ -189,9 +199,12 @@ def evaluate_run(
     run = RunDir(run_dir)
     if not run.config.exists():
         raise FileNotFoundError(f"{run.path} is not a fedlora run directory (no config.yaml)")
+    run.check_links()
     config = load_config(run.config, overrides)
+    check_eval_overrides(load_config(run.config), config)
+    check_device(config.device)
     checkpoint = run.load_checkpoint()  # before the model loads
-    recover_dir(run.global_adapter)
+    recover_dir(run.inside(run.global_adapter))
     fed = build_federation(config, adapter_dir=run.global_adapter, model=model, tokenizer=tokenizer, progress=progress)
     states = [fed.app.new_state(data) for data in fed.data.clients]
     if checkpoint is not None:
@@ -201,7 +214,9 @@ def evaluate_run(
     scores = evaluate_round(fed, states, shared, progress)
     summaries = summarize(round_, scores)
     rows = _with_round(round_, scores) + summaries
-    atomic_write(run.path / "eval.jsonl", lambda tmp: tmp.write_text("".join(f"{json.dumps(row)}\n" for row in rows)))
+    atomic_write(
+        run.inside(run.path / "eval.jsonl"), lambda tmp: tmp.write_text("".join(f"{json.dumps(row)}\n" for row in rows))
+    )
     tqdm.write(format_table(f"{run.path} · {config.strategy} · after round {round_}", summaries))
     return rows
 
@@ -308,10 +323,12 @@ def default_output_dir(config: RunConfig) -> Path:
 def check_run_dir(config: RunConfig, resume: bool) -> RunConfig:
     """Check the output directory can be used (fresh: absent or empty; resume: a run with a compatible config);
     returns the config with its ``output_dir`` filled in."""
+    check_settings(config)
     if resume:
         if config.output_dir is None:
             raise ValueError("--resume needs the directory of the run to continue (--output-dir)")
         run_dir = RunDir(config.output_dir)
+        run_dir.check_links()
         if not run_dir.config.exists():
             raise FileNotFoundError(f"{run_dir.path} is not a fedlora run directory (no config.yaml)")
         changed = [
@@ -322,6 +339,7 @@ def check_run_dir(config: RunConfig, resume: bool) -> RunConfig:
                 f"--resume: the configuration differs from the saved run in {changed}; only rounds, device, "
                 "output_dir and eval.* may change"
             )
+        check_resume_rounds(config, run_dir.committed_round())
     else:
         run_dir = RunDir(config.output_dir or default_output_dir(config))
         if run_dir.path.is_dir() and any(run_dir.path.iterdir()):
@@ -377,7 +395,7 @@ def publish_adapter(
     """Write ``global_adapter/``: the global shared tensors with the initial personal (and frozen) tensors."""
     app.load(shared)
     app.load(initial_personal)
-    with atomic_dir(run.global_adapter) as tmp:
+    with atomic_dir(run.inside(run.global_adapter)) as tmp:
         app.model.save_pretrained(tmp)
 
 

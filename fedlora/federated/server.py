@@ -16,6 +16,11 @@ from fedlora.federated.privacy import dp_fedavg, epsilon
 logger = logging.getLogger(__name__)
 
 
+class RoundError(RuntimeError):
+    """A round could not be aggregated (too few valid updates, or new global tensors that are not finite); nothing
+    of it was changed or committed."""
+
+
 class ServerApp:
     """Holds the global shared tensors x_t and updates them from the clients' :class:`FitRes` messages.
 
@@ -94,8 +99,8 @@ class ServerApp:
         whose fit failed: with ``results`` they make up the m sampled clients, and they count against
         ``settings.min_clients`` like the rejected ones. ``round_`` names the round in messages and seeds the DP noise
         (required with privacy). With fewer valid results than ``settings.min_clients``, or when the new global
-        tensors would not be finite, this raises a RuntimeError naming the round and every excluded client's reason,
-        and the global tensors and the optimizer state stay as they were.
+        tensors would not be finite, this raises a :class:`RoundError` (a RuntimeError) naming the round and every
+        excluded client's reason, and the global tensors and the optimizer state stay as they were.
         """
         where = "aggregation" if round_ is None else f"round {round_}"
         valid, rejected = [], []
@@ -109,7 +114,7 @@ class ServerApp:
         sampled = len(results) + len(failures)
         if len(valid) < self.settings.min_clients:
             excluded = "; ".join(f"{client_id}: {reason}" for client_id, reason in [*failures, *rejected])
-            raise RuntimeError(
+            raise RoundError(
                 f"{where}: {len(valid)} of {sampled} sampled client(s) sent a valid update, fewer than "
                 f"server.min_clients={self.settings.min_clients}; nothing was aggregated. "
                 f"Excluded: {excluded or 'none'}"
@@ -151,7 +156,7 @@ class ServerApp:
         not_finite = [name for name, value in new.items() if not value.isfinite().all()]
         if not_finite:
             self.optimizer.load_state_dict(before)
-            raise RuntimeError(
+            raise RoundError(
                 f"{where}: the new global tensors {_listed(not_finite)} are not finite (aggregating clients "
                 f"{[result.client_id for result in valid]}); nothing was changed"
             )

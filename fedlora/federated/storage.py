@@ -11,10 +11,16 @@
                                last round, the size and SHA-256 of metrics.jsonl up to that round),
                                global.safetensors (shared tensors only), server_optimizer.safetensors, rng.pt
     <run>/checkpoint.prev/     the same after the round before: the fallback when checkpoint/ is damaged
-    <run>/clients/<id>/        a client's state as of checkpoint/: personal.safetensors, optimizer.pt and
-                               state.json (the last round it trained in)
-    <run>/clients.prev/<id>/   the state that one replaced (what checkpoint.prev/ refers to if the client trained
+    <run>/clients/<name>/      a client's state as of checkpoint/: personal.safetensors, optimizer.pt and
+                               state.json (the last round it trained in, and the client id)
+    <run>/clients.prev/<name>/ the state that one replaced (what checkpoint.prev/ refers to if the client trained
                                in the last round)
+    <run>/client_names.json    each client's directory name and its id (the label or file name it came from)
+
+A client's directory name is :func:`~fedlora.federated.paths.client_dir_name` of its id: ids come from data, so
+``../x``, ``/abs``, ``""`` or a 300-character label become safe, bounded names. Every path written or deleted is
+checked by the run directory's :class:`~fedlora.federated.paths.PathGuard`: it lies inside the run directory and
+passes through no link there (:meth:`RunDir.check_links` refuses a run directory holding one before anything starts).
 
 Every checkpoint and client state directory also holds ``manifest.json``, the size and SHA-256 of each of its
 other files, written last. Directories are written under a temporary name, fsynced, renamed into place and never
@@ -52,6 +58,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+
+from fedlora.federated.paths import CLIENT_NAMES_FILE, PathGuard, client_dir_name, client_dir_names
 
 if TYPE_CHECKING:
     from fedlora.federated.client import ClientState
@@ -97,10 +105,32 @@ class RunDir:
         self.clients = self.path / "clients"
         self.clients_prev = self.path / "clients.prev"
         self.clients_pending = self.path / "clients.pending"
+        self.client_names = self.path / CLIENT_NAMES_FILE
+        self.guard = PathGuard(self.path)
+
+    def inside(self, path: Path) -> Path:
+        """``path``, checked to lie inside the run directory and to pass through no link there (else an
+        :class:`~fedlora.federated.paths.UnsafePathError`): what every write or removal goes through."""
+        return self.guard.check(path)
+
+    def check_links(self) -> None:
+        """Refuse a run directory that holds a symbolic link anywhere inside it (before anything is touched)."""
+        self.guard.scan()
+
+    def client_dir(self, parent: Path, client_id: str) -> Path:
+        """Where ``client_id``'s state lies under ``parent`` (``clients``, ``clients.prev`` or ``clients.pending``)."""
+        return self.inside(parent / client_dir_name(client_id))
+
+    def write_client_names(self, client_ids: Iterable[str]) -> None:
+        """Record each client's directory name and id in ``client_names.json`` (a ``ValueError`` when two ids would share
+        a directory: check with :func:`~fedlora.federated.paths.client_dir_names` before anything is written)."""
+        names = {name: client_id for client_id, name in client_dir_names(client_ids).items()}
+        text = json.dumps(names, indent=2, ensure_ascii=False) + "\n"
+        atomic_write(self.inside(self.client_names), lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
     def append_metrics(self, rows: Iterable[Mapping[str, Any]]) -> None:
         """Append JSON lines and fsync; returns once they are on disk."""
-        with self.metrics.open("a") as f:
+        with self.inside(self.metrics).open("a") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)
             f.flush()
             os.fsync(f.fileno())
@@ -131,12 +161,12 @@ class RunDir:
         ``trained`` lists the clients whose personal state changed; strategies without personal tensors pass none.
         """
         for client in trained:
-            with atomic_dir(self.clients_pending / client.client_id) as tmp:
+            with atomic_dir(self.client_dir(self.clients_pending, client.client_id)) as tmp:
                 save_file(client.personal, tmp / _PERSONAL)
                 torch.save(client.optimizer_state, tmp / _OPTIMIZER)
-                (tmp / _STATE).write_text(json.dumps({"round": client.last_round}))
+                (tmp / _STATE).write_text(json.dumps({"round": client.last_round, "client": client.client_id}))
                 _write_manifest(tmp)
-        with atomic_dir(self.checkpoint_pending) as tmp:
+        with atomic_dir(self.inside(self.checkpoint_pending)) as tmp:
             save_file(checkpoint.global_tensors, tmp / "global.safetensors")
             save_file(checkpoint.server_optimizer, tmp / "server_optimizer.safetensors")
             torch.save(checkpoint.rng, tmp / "rng.pt")
@@ -172,23 +202,24 @@ class RunDir:
         later rounds) and truncates ``metrics.jsonl`` to the size it recorded. Raises :class:`CheckpointError`,
         rolling nothing back, when checkpoints exist but none is intact.
         """
-        recover_dir(self.checkpoint_pending)  # drop a half-written one
+        self.check_links()
+        recover_dir(self.inside(self.checkpoint_pending))  # drop a half-written one
         self._finish_commit()
         found = self._newest_intact()
         if found is not None and found.directory == self.checkpoint_prev:  # checkpoint/ is damaged: roll back
-            _remove(self.checkpoint)
-            os.rename(self.checkpoint_prev, self.checkpoint)
-        client_dirs = found.client_dirs if found else {}
-        for client_id in _names(self.clients) | _names(self.clients_prev):
-            current, prev = self.clients / client_id, self.clients_prev / client_id
-            if client_id not in client_dirs:  # it first trained after the checkpoint
+            _remove(self.inside(self.checkpoint))
+            os.rename(self.inside(self.checkpoint_prev), self.checkpoint)
+        client_dirs = {directory.name: directory for directory in (found.client_dirs if found else {}).values()}
+        for name in _names(self.clients) | _names(self.clients_prev):
+            current, prev = self.inside(self.clients / name), self.inside(self.clients_prev / name)
+            if name not in client_dirs:  # it first trained after the checkpoint
                 _remove(current)
                 _remove(prev)
-            elif client_dirs[client_id] == prev:  # it trained in the round rolled back
+            elif client_dirs[name] == prev:  # it trained in the round rolled back
                 _remove(current)
                 os.rename(prev, current)
         if self.metrics.exists():
-            with self.metrics.open("r+") as f:
+            with self.inside(self.metrics).open("r+") as f:
                 f.truncate(found.checkpoint.metrics_bytes if found else 0)
         return found.checkpoint if found else None
 
@@ -202,13 +233,13 @@ class RunDir:
         """Step 4: rotate a pending checkpoint in, then the pending client states of a committed round; drop
         those of a later round (their commit never happened)."""
         if self.checkpoint_pending.exists():
-            _rotate(self.checkpoint_pending, self.checkpoint, self.checkpoint_prev)
+            _rotate(*map(self.inside, (self.checkpoint_pending, self.checkpoint, self.checkpoint_prev)))
         committed = _round_in(self.checkpoint)
-        for client_id in sorted(_names(self.clients_pending)):
-            pending = self.clients_pending / client_id
+        for name in sorted(_names(self.clients_pending)):  # directory names (see client_dir)
+            pending = self.clients_pending / name
             if 0 < _round_in(pending) <= committed:
-                _rotate(pending, self.clients / client_id, self.clients_prev / client_id)
-        _remove(self.clients_pending)  # now only uncommitted states and temporaries
+                _rotate(*map(self.inside, (pending, self.clients / name, self.clients_prev / name)))
+        _remove(self.inside(self.clients_pending))  # now only uncommitted states and temporaries
 
     def _newest_intact(self) -> _Intact | None:
         """The newest intact checkpoint (None if there is none at all); each damaged newer one is logged."""
@@ -258,7 +289,7 @@ class RunDir:
         """The directory of ``client_id``'s intact state of ``last_round``: pending, current or previous."""
         damaged = []
         for parent in (self.clients_pending, self.clients, self.clients_prev):
-            directory = parent / client_id
+            directory = self.client_dir(parent, client_id)
             if not directory.exists():
                 continue
             try:

@@ -1,0 +1,80 @@
+"""Checks of a run's settings that need more than the configuration itself (the machine, the run directory, the
+clients the data gives), all made before anything is written: each raises a ``ValueError`` that names the key or
+flag. :mod:`fedlora.federated.config` checks each value on its own (types, ranges, finiteness)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from fedlora.federated.config import RunConfig, config_differences
+from fedlora.federated.paths import client_dir_names
+
+EVAL_FIXED_KEYS = ("data.", "seed")  # what `fedlora eval --set` may not change: the data split it scores
+
+
+def check_device(device: str) -> None:
+    """Raise a ``ValueError`` naming ``device`` (``--device``) unless torch knows it and this machine can use it."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError, TypeError) as error:
+        raise ValueError(f"device (--device) {device!r} is not a device torch knows: {error}") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device (--device) {device!r}: CUDA is not available on this machine; use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device (--device) {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device (--device) {device!r}: MPS is not available on this machine; use --device cpu")
+    try:
+        torch.zeros(1, device=parsed)
+    except Exception as error:  # a backend torch knows but this build or machine lacks
+        raise ValueError(f"device (--device) {device!r} is not usable here: {error}") from None
+
+
+def check_settings(config: RunConfig) -> None:
+    """What can be checked before the model and data load: the device, and ``server.min_clients`` against
+    ``data.num_clients`` when the partition fixes it."""
+    check_device(config.device)
+    if config.data.num_clients is not None:
+        check_min_clients(config, config.data.num_clients)
+
+
+def check_clients(config: RunConfig, client_ids: Sequence[str]) -> None:
+    """Once the data is split: every client that trains (``client_ids``) gets its own state directory, and a round
+    can sample ``server.min_clients`` of them."""
+    client_dir_names(client_ids)
+    check_min_clients(config, len(client_ids))
+
+
+def check_min_clients(config: RunConfig, clients: int) -> None:
+    """``server.min_clients`` must not exceed the clients a round samples from ``clients`` clients."""
+    sampled = max(1, round(config.server.fraction * clients))
+    if config.server.min_clients > sampled:
+        raise ValueError(
+            f"server.min_clients={config.server.min_clients} is more than the {sampled} client(s) a round samples "
+            f"(server.fraction={config.server.fraction} of {clients} client(s)), so no round could succeed"
+        )
+
+
+def check_resume_rounds(config: RunConfig, committed: int) -> None:
+    """``--resume --rounds N`` needs N at least the rounds the run directory already committed."""
+    if config.rounds < committed:
+        raise ValueError(
+            f"rounds (--rounds) {config.rounds} is below the {committed} round(s) {config.output_dir} already "
+            f"committed; pass --rounds {committed} or more to continue it"
+        )
+
+
+def check_eval_overrides(saved: RunConfig, config: RunConfig) -> None:
+    """``fedlora eval --set`` may not change what decides the data split (``data.*``, ``seed``): the scores would
+    not be of the clients the run trained."""
+    changed = [key for key in config_differences(saved, config) if key.startswith(EVAL_FIXED_KEYS)]
+    if changed:
+        raise ValueError(
+            f"--set {', '.join(changed)}: eval scores the clients the run trained on, so it cannot change the data "
+            f"split settings ({', '.join(k.rstrip('.') + ('.*' if k.endswith('.') else '') for k in EVAL_FIXED_KEYS)})"
+        )
