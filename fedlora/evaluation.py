@@ -4,14 +4,15 @@ Two measures: the mean cross-entropy per response token (and its perplexity) on 
 (``rouge-score``, stemmed) of greedy generations against the reference responses on a seeded sample. Both run
 under ``torch.no_grad`` in eval mode and restore the model's train/eval mode afterwards.
 
-The split is one produced by :func:`fedlora.data.tokenize_dataset`: ``input_ids``/``labels`` for the loss and the
-text columns ``instruction``/``context``/``response`` for generation.
+The split is one produced by :func:`fedlora.data.tokenize_dataset`: ``input_ids``/``labels`` for the loss,
+``prompt_ids`` (the prompt in the format the split was tokenised with: chat template, Alpaca or plain) for
+generation and ``response`` as its reference, so training, loss and generation all see the same prompt.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -28,6 +29,8 @@ from fedlora.data import (
     pad_sequences,
     prompt_token_ids,
     sample_indices,
+    stop_token_ids,
+    truncate_middle,
 )
 
 
@@ -45,19 +48,18 @@ def evaluate(
     """``{"loss", "perplexity", "num_tokens"}`` over ``dataset``, plus ``"rougeL"`` when ``rouge_examples > 0``.
 
     ROUGE-L is computed on a sample of ``min(rouge_examples, len(dataset))`` rows drawn with ``seed``, generating
-    at most ``max_new_tokens`` tokens greedily from prompts of at most ``max_prompt_length`` tokens.
+    at most ``max_new_tokens`` tokens greedily from their ``prompt_ids`` (cut to ``max_prompt_length`` tokens).
     ``num_tokens`` (the scored response tokens) is the weight for averaging losses across clients.
     """
     ensure_pad_token(tokenizer)
     metrics = evaluate_loss(model, dataset, tokenizer.pad_token_id, batch_size=batch_size)
     if rouge_examples > 0:
-        _check_columns(dataset, ("instruction", "context", "response"))
+        _check_columns(dataset, ("prompt_ids", "response"))
         sample = dataset.select(sample_indices(len(dataset), rouge_examples, seed))
-        predictions = generate_responses(
+        predictions = generate_from_prompt_ids(
             model,
             tokenizer,
-            sample["instruction"],
-            sample["context"],
+            sample["prompt_ids"],
             max_new_tokens=max_new_tokens,
             batch_size=batch_size,
             max_prompt_length=max_prompt_length,
@@ -97,24 +99,43 @@ def generate_responses(
     instructions: Sequence[str],
     contexts: Sequence[str],
     *,
+    prompt_format: str = "auto",
+    histories: Sequence[Sequence[Mapping[str, str]] | str] | None = None,
     max_new_tokens: int = 128,
     batch_size: int = 8,
     max_prompt_length: int = 512,
 ) -> list[str]:
-    """Greedy completions of the formatted prompts, left-padded in batches; special tokens stripped from the text.
-
-    Prompts keep their head and tail (see ``prompt_token_ids``) within ``max_prompt_length`` tokens, further
-    capped so that prompt plus ``max_new_tokens`` fits the model's ``max_position_embeddings`` when it has one.
-    """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+    """Greedy completions of the prompts formatted in ``prompt_format`` (``histories``: earlier turns of each
+    conversation; see ``prompt_token_ids``); see :func:`generate_from_prompt_ids`."""
     ensure_pad_token(tokenizer)
-    max_positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if max_positions is not None:
-        max_prompt_length = min(max_prompt_length, max_positions - max_new_tokens)
-    if max_prompt_length < 1:
-        raise ValueError(f"no room for a prompt: max_new_tokens={max_new_tokens}, model positions={max_positions}")
-    prompts = prompt_token_ids(tokenizer, instructions, contexts, max_prompt_length)
+    limit = _prompt_limit(model, max_new_tokens, max_prompt_length)
+    prompts = prompt_token_ids(
+        tokenizer, instructions, contexts, limit, prompt_format=prompt_format, histories=histories
+    )
+    return generate_from_prompt_ids(
+        model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, max_prompt_length=limit
+    )
+
+
+def generate_from_prompt_ids(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 128,
+    batch_size: int = 8,
+    max_prompt_length: int = 512,
+) -> list[str]:
+    """Greedy completions of tokenised prompts, left-padded in batches; special tokens stripped from the text.
+
+    Generation stops at EOS or the chat template's end-of-turn token (``stop_token_ids``). Prompts keep their head
+    and tail (see ``truncate_middle``) within ``max_prompt_length`` tokens, further capped so that prompt plus
+    ``max_new_tokens`` fits the model's ``max_position_embeddings`` when it has one.
+    """
+    ensure_pad_token(tokenizer)
+    limit = _prompt_limit(model, max_new_tokens, max_prompt_length)
+    prompts = [truncate_middle(list(ids), limit) for ids in prompts]
+    stops = stop_token_ids(tokenizer)
     device = _device(model)
     responses: list[str] = []
     with _inference(model):
@@ -128,11 +149,23 @@ def generate_responses(
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
+                eos_token_id=stops if len(stops) > 1 else stops[0],
             )
             new_tokens = generated[:, input_ids.shape[1] :]
             responses.extend(text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
     return responses
+
+
+def _prompt_limit(model: nn.Module, max_new_tokens: int, max_prompt_length: int) -> int:
+    """``max_prompt_length``, capped so that prompt plus ``max_new_tokens`` fits the model's positions."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+    max_positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if max_positions is not None:
+        max_prompt_length = min(max_prompt_length, max_positions - max_new_tokens)
+    if max_prompt_length < 1:
+        raise ValueError(f"no room for a prompt: max_new_tokens={max_new_tokens}, model positions={max_positions}")
+    return max_prompt_length
 
 
 def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:

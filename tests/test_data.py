@@ -104,8 +104,14 @@ def test_generic_csv_and_jsonl_with_column_mapping(tmp_path, caplog):
     assert "dropped 1 of 3 rows" in caplog.text
     assert from_csv.to_list() == from_jsonl.to_list()
     assert from_csv.to_list() == [
-        {"instruction": "What is 2+2?", "context": "", "response": "4", "label": "math"},
-        {"instruction": "Capital of France?", "context": "France is in Europe.", "response": "Paris", "label": "geo"},
+        {"instruction": "What is 2+2?", "context": "", "response": "4", "label": "math", "history": "[]"},
+        {
+            "instruction": "Capital of France?",
+            "context": "France is in Europe.",
+            "response": "Paris",
+            "label": "geo",
+            "history": "[]",
+        },
     ]
     # Unmapped optional columns become empty strings.
     minimal = load_instruction_dataset(jsonl_path, {"instruction": "question", "response": "answer"})
@@ -139,13 +145,14 @@ def test_natural_instructions_one_dataset_per_task(ni_dir):
         "context": "input 3 of task001_demo",
         "response": "answer 3",
         "label": "task001_demo",
+        "history": "[]",
     }
     listed = load_natural_instructions([ni_dir / "task333_demo.json", ni_dir / "task001_demo.json"])
     assert [ds[0]["label"] for ds in listed] == ["task001_demo", "task333_demo"]
 
 
 def test_natural_instructions_errors(tmp_path, ni_dir):
-    with pytest.raises(FileNotFoundError, match="no task"):
+    with pytest.raises(FileNotFoundError, match="holds no Natural Instructions task files"):
         load_natural_instructions(tmp_path)
     with pytest.raises(FileNotFoundError, match="not found"):
         load_natural_instructions([ni_dir / "task999_missing.json"])

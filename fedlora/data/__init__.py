@@ -8,6 +8,7 @@ from fedlora.data.federated import ClientData, DataConfig, FederatedData, build_
 from fedlora.data.loaders import (
     COLUMNS,
     DOLLY_HUB_ID,
+    NI_HUB_ID,
     load_dolly,
     load_instruction_dataset,
     load_natural_instructions,
@@ -16,18 +17,24 @@ from fedlora.data.loaders import (
 from fedlora.data.partition import dirichlet_partition, iid_partition, label_partition, sample_indices
 from fedlora.data.tokenization import (
     IGNORE_INDEX,
+    PROMPT_FORMATS,
     CausalLMCollator,
     ensure_pad_token,
     format_prompt,
     pad_sequences,
     prompt_token_ids,
+    resolve_prompt_format,
+    stop_token_ids,
     tokenize_dataset,
+    truncate_middle,
 )
 
 __all__ = [
     "COLUMNS",
     "DOLLY_HUB_ID",
     "IGNORE_INDEX",
+    "NI_HUB_ID",
+    "PROMPT_FORMATS",
     "CausalLMCollator",
     "ClientData",
     "DataConfig",
@@ -44,7 +51,10 @@ __all__ = [
     "normalise",
     "pad_sequences",
     "prompt_token_ids",
+    "resolve_prompt_format",
     "sample_indices",
     "split_train_test",
+    "stop_token_ids",
     "tokenize_dataset",
+    "truncate_middle",
 ]

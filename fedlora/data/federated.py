@@ -19,7 +19,7 @@ from transformers import PreTrainedTokenizerBase
 
 from fedlora.data.loaders import DOLLY_COLUMNS, DOLLY_HUB_ID, load_instruction_dataset, load_natural_instructions
 from fedlora.data.partition import dirichlet_partition, iid_partition, label_partition, sample_indices
-from fedlora.data.tokenization import tokenize_dataset
+from fedlora.data.tokenization import PROMPT_FORMATS, PromptFormat, resolve_prompt_format, tokenize_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,8 @@ class DataConfig:
         source: ``"dolly"`` (hub id or local Dolly .json/.jsonl), ``"natural_instructions"`` (task files) or
             ``"file"`` (any .json/.jsonl/.csv file or hub id, read through ``columns``).
         path: a hub id, a file, a directory of NI task files, or a list of files.
-        columns: for ``source="file"``: normalised name → the file's column name (see ``load_instruction_dataset``).
+        columns: for ``source="file"``: normalised name → the file's column name, e.g. ``{"label": "category"}``
+            (see ``load_instruction_dataset``; ``messages`` names a column of conversations).
         partition: ``"dirichlet"`` (label skew, ``alpha``), ``"label"`` (one label per client), ``"iid"`` or
             ``"files"`` (each file of ``path`` is one client; for NI, each task).
         num_clients: required for ``dirichlet``/``iid``; for ``label``/``files`` it follows from the data and, if
@@ -47,6 +48,8 @@ class DataConfig:
         max_examples: seeded sample of at most this many examples from each partitioned dataset, i.e. in total,
             or per client for ``partition="files"``; ``None`` keeps everything.
         max_length: token budget per example when a tokenizer is given.
+        prompt_format: ``"chat"`` (the tokenizer's chat template), ``"alpaca"``, ``"plain"`` or ``"auto"``
+            (``chat`` when the tokenizer has a chat template, else ``alpaca``); see :mod:`fedlora.data.tokenization`.
         seed: seeds sampling, partitioning and the train/test splits.
     """
 
@@ -61,6 +64,7 @@ class DataConfig:
     global_test_size: int | None = None
     max_examples: int | None = None
     max_length: int = 512
+    prompt_format: PromptFormat = "auto"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -68,6 +72,8 @@ class DataConfig:
             raise ValueError(f"unknown data source {self.source!r}; use 'dolly', 'natural_instructions' or 'file'")
         if self.partition not in ("dirichlet", "label", "iid", "files"):
             raise ValueError(f"unknown partition {self.partition!r}; use 'dirichlet', 'label', 'iid' or 'files'")
+        if self.prompt_format not in PROMPT_FORMATS:
+            raise ValueError(f"unknown prompt_format {self.prompt_format!r}; use one of {list(PROMPT_FORMATS)}")
         if self.columns is not None and self.source != "file":
             raise ValueError(f"columns only applies to source='file', not {self.source!r}")
         if self.partition in ("dirichlet", "iid") and self.num_clients is None:
@@ -97,10 +103,12 @@ class ClientData:
 
 @dataclass(frozen=True)
 class FederatedData:
-    """All clients plus the global test set (the union of client test splits, possibly sampled down)."""
+    """All clients plus the global test set (the union of client test splits, possibly sampled down), and the prompt
+    format they were tokenised with (``chat``, ``alpaca`` or ``plain``; None when not tokenised)."""
 
     clients: list[ClientData]
     global_test: Dataset
+    prompt_format: str | None = None
 
     def client_weights(self) -> list[float]:
         """Each client's share of all training examples (FedAvg weights), in client order; sums to 1."""
@@ -111,15 +119,17 @@ class FederatedData:
 def build_federated_data(config: DataConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> FederatedData:
     """Load, (optionally) tokenise, partition and split the data described by ``config``.
 
-    With a tokenizer every split also has ``input_ids`` and ``labels`` (see ``tokenize_dataset``; the tokenizer
-    gets ``pad = eos`` if it had no pad token); without one, splits hold only the normalised text columns.
+    With a tokenizer every split also has ``input_ids``, ``labels`` and ``prompt_ids`` in ``config.prompt_format``
+    (``auto`` resolved for this tokenizer, see ``tokenize_dataset``; the tokenizer gets ``pad = eos`` if it had no
+    pad token); without one, splits hold only the normalised text columns.
     """
+    prompt_format = resolve_prompt_format(config.prompt_format, tokenizer) if tokenizer is not None else None
     named = _load_named_datasets(config)
     rng = np.random.default_rng(config.seed)
     if config.max_examples is not None:
         named = [(name, _sample(ds, config.max_examples, rng)) for name, ds in named]
     if tokenizer is not None:
-        named = [(name, tokenize_dataset(ds, tokenizer, config.max_length)) for name, ds in named]
+        named = [(name, tokenize_dataset(ds, tokenizer, config.max_length, prompt_format)) for name, ds in named]
     client_sets = named if config.partition == "files" else _partition(named[0][1], config)
     _check_client_sizes(client_sets, config)
 
@@ -134,12 +144,13 @@ def build_federated_data(config: DataConfig, tokenizer: PreTrainedTokenizerBase 
     if config.global_test_size is not None:
         global_test = _sample(global_test, config.global_test_size, rng)
     logger.info(
-        "%d clients, train sizes %s, global test %d",
+        "%d clients, train sizes %s, global test %d, prompt format %s",
         len(clients),
         [c.num_train_examples for c in clients],
         len(global_test),
+        prompt_format,
     )
-    return FederatedData(clients, global_test)
+    return FederatedData(clients, global_test, prompt_format)
 
 
 def split_train_test(dataset: Dataset, test_fraction: float, seed: int | tuple[int, ...]) -> tuple[Dataset, Dataset]:

@@ -67,7 +67,11 @@ class AdapterSettings:
 
 @dataclass
 class DataSettings:
-    """What :class:`fedlora.data.DataConfig` gets; ``path`` ``dolly-sample`` is the packaged Dolly sample."""
+    """What :class:`fedlora.data.DataConfig` gets; ``path`` ``dolly-sample`` is the packaged Dolly sample.
+
+    ``prompt_format``: ``chat`` (the tokenizer's chat template), ``alpaca``, ``plain``, or ``auto`` (``chat`` when
+    the tokenizer has a chat template, else ``alpaca``); a run saves the format it resolved to in its config.yaml.
+    """
 
     path: str = DOLLY_SAMPLE_ALIAS
     source: Literal["dolly", "natural_instructions", "file"] = "dolly"
@@ -80,6 +84,7 @@ class DataSettings:
     global_test_size: int | None = 8
     max_examples: int | None = None
     max_length: int = 128
+    prompt_format: Literal["auto", "chat", "alpaca", "plain"] = "auto"
 
     rules = {
         "num_clients": _at_least_one,
@@ -332,6 +337,16 @@ def _check_plain(value: Any, source: str, key: str) -> None:
             f"{source}: {key} holds {type(value).__name__} {value!r}, not a plain value (string, number, boolean, "
             "null, list or mapping)"
         )
+
+
+def load_run_config(path: str | Path, overrides: Iterable[str] | Mapping[str, Any] = ()) -> RunConfig:
+    """A run's saved ``config.yaml`` with ``overrides`` applied; one saved before ``data.prompt_format`` existed
+    reads as ``alpaca``, the only prompt format then (so such a run resumes and evaluates as it trained)."""
+    values = read_config_file(path)
+    data = values.get("data")
+    if isinstance(data, dict) and "prompt_format" not in data:
+        values = {**values, "data": {**data, "prompt_format": "alpaca"}}
+    return build_config(values, overrides)
 
 
 def save_config(config: RunConfig, path: str | Path) -> None:

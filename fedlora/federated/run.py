@@ -47,7 +47,7 @@ from fedlora.federated.config import (
     DOLLY_SAMPLE_ALIAS,
     RunConfig,
     config_differences,
-    load_config,
+    load_run_config,
     save_config,
 )
 from fedlora.federated.message import FitIns, FitRes, Rejection
@@ -105,6 +105,7 @@ def train(
     recover_dir(run_dir.inside(run_dir.global_adapter))
     adapter_dir = run_dir.global_adapter if run_dir.global_adapter.exists() else None
     fed = build_federation(config, adapter_dir=adapter_dir, model=model, tokenizer=tokenizer, progress=progress)
+    config = replace(config, data=replace(config.data, prompt_format=fed.data.prompt_format))  # as resolved
     client_ids = [POOLED_CLIENT] if fed.strategy.pooled else [data.client_id for data in fed.data.clients]
     check_clients(config, client_ids)  # each its own state directory; server.min_clients not above their number
     check_free_space(run_dir.path, _run_bytes(fed, config))
@@ -200,8 +201,8 @@ def evaluate_run(
     if not run.config.exists():
         raise FileNotFoundError(f"{run.path} is not a fedlora run directory (no config.yaml)")
     run.check_links()
-    config = load_config(run.config, overrides)
-    check_eval_overrides(load_config(run.config), config)
+    config = load_run_config(run.config, overrides)
+    check_eval_overrides(load_run_config(run.config), config)
     check_device(config.device)
     checkpoint = run.load_checkpoint()  # before the model loads
     recover_dir(run.inside(run.global_adapter))
@@ -331,9 +332,10 @@ def check_run_dir(config: RunConfig, resume: bool) -> RunConfig:
         run_dir.check_links()
         if not run_dir.config.exists():
             raise FileNotFoundError(f"{run_dir.path} is not a fedlora run directory (no config.yaml)")
-        changed = [
-            key for key in config_differences(load_config(run_dir.config), config) if not key.startswith(RESUMABLE_KEYS)
-        ]
+        saved = load_run_config(run_dir.config)
+        if config.data.prompt_format == "auto":  # the format the run resolved it to (in its config.yaml)
+            config = replace(config, data=replace(config.data, prompt_format=saved.data.prompt_format))
+        changed = [key for key in config_differences(saved, config) if not key.startswith(RESUMABLE_KEYS)]
         if changed:
             raise ValueError(
                 f"--resume: the configuration differs from the saved run in {changed}; only rounds, device, "

@@ -14,12 +14,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from tqdm.auto import tqdm
 
+from fedlora.data import resolve_prompt_format
 from fedlora.federated.config import RunConfig, save_config
 from fedlora.federated.report import format_table, plot_scores, privacy_rows, round_title, summarize, train_rows
 from fedlora.federated.run import publish_adapter
@@ -51,6 +53,8 @@ def serve(grid: Grid, config: RunConfig, settings: FlowerSettings) -> Path:
     config = fresh_output_dir(config)
     run_dir = RunDir(config.output_dir)
     adapter = build_adapter(config)
+    prompt_format = resolve_prompt_format(config.data.prompt_format, adapter.tokenizer)  # as the nodes resolve it
+    config = replace(config, data=replace(config.data, prompt_format=prompt_format))
     initial_personal = adapter.snapshot(adapter.names["personal"])
     node_ids = wait_for_nodes(grid, settings.min_nodes_for(config), settings.node_timeout)
     nodes = identify(grid, node_ids, settings.round_timeout)
