@@ -362,16 +362,25 @@ def _grad_input_kernel(
         w = tl.load(t_ptr + rows64[:, None] * rank + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
         w = (w * w_col_scale[None, :]).to(dtype)
         if DROPOUT:
-            keep = _keep(seed, rows64, cols, n_in, dropout_p)
+            # The mask is a 0/1 multiplier in a float type, not an i1 (nor an integer, which folds back to i1):
+            # with dx and dA both needed it is used in two register layouts (x as a dot operand, dx in the MMA
+            # accumulator's), and converting between them goes through shared memory, which Triton cannot do for
+            # 1-bit elements. Compiling for sm_80/sm_90 (benchmarks/compile_check.py) failed for every fp16/bf16 and
+            # TF32 variant with k % 16 == 0 (Triton 3.9: "shared-memory element type bit width must be a multiple of
+            # 8; got 1"; 3.6: an assertion in ConvertTritonGPUToLLVM). Like torch's dropout, a dropped inf/NaN of x
+            # gives NaN here (in dA only; the forward selects).
+            keep = _keep(seed, rows64, cols, n_in, dropout_p).to(tl.float32)
+            if not FP32_DOT:  # 16 bits suffice for 0/1 (the interpreter's bf16 products are wrong: fp32 there)
+                keep = keep.to(dtype)
         if COMPUTE_DA:
             x = tl.load(x_ptr + rows64[:, None] * stride_x_m + cols[None, :] * stride_x_k, mask=mask, other=0.0)
             if DROPOUT:
-                x = tl.where(keep, x, 0.0)
+                x = x * keep
             da = _mma(tl.trans(w), x, da, FP32_DOT, PRECISION)
         if COMPUTE_DX:
             dx = _mma(w, a, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), FP32_DOT, PRECISION)
             if DROPOUT:
-                dx = tl.where(keep, dx, 0.0)
+                dx = dx * keep.to(tl.float32)
             tl.store(dx_ptr + rows64[:, None] * n_in + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
     if COMPUTE_DA:

@@ -66,6 +66,9 @@ SMALL_CASES = (
     Case((33,), k=40, d=24, r=4, dropout_p=0.3, layout="strided"),
     Case((3, 5), k=24, d=40, r=5, layout="transposed"),
     Case((17,), k=33, d=18, r=20, dropout_p=0.5, base=False),
+    # k % 16 == 0 with dropout and backward: the shape class whose fp16/bf16 backward once failed to compile on GPUs
+    Case((21,), k=32, d=24, r=4, dropout_p=0.3),
+    Case((2, 9), k=48, d=40, r=16, dropout_p=0.5, base=False, layout="transposed"),
 )
 GPU_CASES = (
     Case((1,), k=4096, d=4096, r=16),
@@ -73,6 +76,10 @@ GPU_CASES = (
     Case((2049,), k=768, d=3072, r=64, layout="strided"),
     Case((4, 77), k=1024, d=1000, r=256, layout="transposed"),
     Case((129,), k=4096, d=4096, r=1, base=False),
+    # k % 16 == 0 with dropout and backward (bf16/fp16 once failed to compile there)
+    Case((2, 1024), k=4096, d=4096, r=16, dropout_p=0.1),
+    Case((300,), k=576, d=1536, r=8, dropout_p=0.05, layout="strided"),
+    Case((1000,), k=2048, d=2048, r=64, dropout_p=0.2, base=False),
 )
 
 
@@ -157,6 +164,12 @@ def _check(case: Case, dtype: torch.dtype, base_dtype: torch.dtype | None = None
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_matches_float64_reference(case: Case, dtype: torch.dtype) -> None:
     _check(case, dtype)
+
+
+def test_bf16_dropout_backward_k4096() -> None:
+    """bf16, dropout, all gradients at k = 4096 with the default (GPU) tiles: the variant that failed to compile for
+    sm_80/sm_90 until the keep-mask was held in a float type; few tokens and a small rank keep it interpreter-sized."""
+    _check(Case((6,), k=4096, d=48, r=4, dropout_p=0.1), torch.bfloat16)
 
 
 @pytest.mark.skipif(not ON_CUDA, reason="large shapes at the default tiles need a GPU")
