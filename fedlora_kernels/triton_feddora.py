@@ -62,12 +62,20 @@ class KernelConfig:
     """Out-feature tile of the forward (y, base, V_B)."""
     block_n_grad: int = 256
     """Out-feature tile of the backward's pass over dy (dy, dB)."""
+    block_m_grad_input: int = 32
+    """Token-row tile of the backward's pass over x (dx, dA). 32, not 64: compiled for sm_90 (bf16, r=16, dx and
+    dA, 8 warps; benchmarks/compile_check.py), 64 rows took 148 registers (210 with dropout), so one CTA per SM and
+    3 waves of 132/132/24 programs at N=8192, 4096²; 32 rows take 66 (86 with dropout): 2-3 CTAs per SM. Estimated
+    from registers and shared memory, not timed (no GPU yet)."""
+    num_warps_grad_input: int = 8
     max_acc_elements: int = 4096
     """Largest fp32 accumulator tile (rows × padded rank)."""
     block_reduce: int = 64
     """Column tile of the small column-norm and factor-gradient kernels."""
     programs_per_sm: int = 2
-    """Grid size the split reductions over tokens aim at, per SM."""
+    """Grid size the split reductions over tokens aim at, per SM: at most this many programs per SM (rounded down,
+    so that the grid is one wave when this many CTAs fit on an SM, which compile_check shows for the backward's
+    passes at the default tiles)."""
     num_warps: int = 4
     num_warps_grad: int = 8
     num_stages: int = 3
@@ -92,9 +100,26 @@ def _mma(a, b, acc, FP32_DOT: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _keep(seed, rows64, cols, n_cols, dropout_p):
-    """Dropout keep-mask M of an x tile: M[i, j] = (Philox uniform at offset i·n_cols + j) ≥ p."""
-    return tl.rand(seed, rows64[:, None] * n_cols + cols[None, :]) >= dropout_p
+def _keep(seed, rows64, col0, n_cols, dropout_p, BLOCK_COLS: tl.constexpr, DTYPE: tl.constexpr):
+    """Dropout keep-mask M of the x tile rows × [col0, col0 + BLOCK_COLS) as 0/1 in ``DTYPE`` (col0 % 4 == 0)::
+
+        M[i, j] = uniform(Philox(seed, i·⌈n_cols/4⌉ + ⌊j/4⌋)[j mod 4]) ≥ p
+
+    One Philox call gives four 32-bit values, each used for one column: ``tl.rand`` per element (one full Philox,
+    ~75 SASS instructions, per element) made the dropout forward compute-bound, and its per-element state cost
+    ~100 registers in the dropout variants (benchmarks/compile_check.py). Every kernel that applies or rebuilds M
+    calls this function with the same (row, column) indexing, so the forward, the backward and
+    :func:`dropout_keep_mask` see the same mask whatever their tiles (all multiples of 4 wide).
+    """
+    groups = col0 // 4 + tl.arange(0, BLOCK_COLS // 4)
+    r0, r1, r2, r3 = tl.randint4x(seed, rows64[:, None] * ((n_cols + 3) // 4) + groups[None, :])
+    k0 = tl.where(tl.random.uint_to_uniform_float(r0) >= dropout_p, 1.0, 0.0).to(DTYPE)
+    k1 = tl.where(tl.random.uint_to_uniform_float(r1) >= dropout_p, 1.0, 0.0).to(DTYPE)
+    k2 = tl.where(tl.random.uint_to_uniform_float(r2) >= dropout_p, 1.0, 0.0).to(DTYPE)
+    k3 = tl.where(tl.random.uint_to_uniform_float(r3) >= dropout_p, 1.0, 0.0).to(DTYPE)
+    # [i, g, a, b] = k_(2a+b)[i, g], so that the row-major reshape puts k_q[i, g] at column 4g + q
+    keep = tl.join(tl.join(k0, k2), tl.join(k1, k3))
+    return tl.reshape(keep, (rows64.shape[0], BLOCK_COLS))
 
 
 @triton.jit
@@ -103,24 +128,53 @@ def _column_norm_kernel(
     m_ptr,
     norm_ptr,
     gain_ptr,
+    part_ptr,
     n_rows,
     n_cols,
     stride_v_r,
     stride_v_c,
+    rows_per_program,
     eps,
+    SPLIT: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_COLS: tl.constexpr,
 ):
-    """n_c = sqrt(Σ_i V[i, c]² + eps) and g_c = m_c / n_c in fp32, for one block of columns."""
-    cols = tl.program_id(0) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    """Program (i, j): S = Σ V[R_i, c]² over row group R_i for the columns c of block j. Without SPLIT (one row
+    group) it writes n_c = sqrt(S + eps) and g_c = m_c / n_c in fp32; with SPLIT, S as partial i, which
+    :func:`_column_norm_finish_kernel` sums. V_B (d×r) has few columns and many rows: unsplit, one program would
+    stream all d rows (at lm_head sizes, megabytes through one SM)."""
+    pid_r = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
     col_ok = cols < n_cols
+    row_end = tl.minimum((pid_r + 1) * rows_per_program, n_rows)
     squares = tl.zeros((BLOCK_COLS,), dtype=tl.float32)
-    for r0 in range(0, n_rows, BLOCK_ROWS):
+    for r0 in range(pid_r * rows_per_program, row_end, BLOCK_ROWS):
         rows = r0 + tl.arange(0, BLOCK_ROWS)
-        mask = (rows < n_rows)[:, None] & col_ok[None, :]
+        mask = (rows < row_end)[:, None] & col_ok[None, :]
         v = tl.load(v_ptr + rows[:, None] * stride_v_r + cols[None, :] * stride_v_c, mask=mask, other=0.0)
         v = v.to(tl.float32)
         squares += tl.sum(v * v, axis=0)
+    if SPLIT:
+        tl.store(part_ptr + pid_r * n_cols + cols, squares, mask=col_ok)
+    else:
+        norm = tl.sqrt(squares + eps)
+        magnitude = tl.load(m_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        tl.store(norm_ptr + cols, norm, mask=col_ok)
+        tl.store(gain_ptr + cols, magnitude / norm, mask=col_ok)
+
+
+@triton.jit
+def _column_norm_finish_kernel(
+    part_ptr, m_ptr, norm_ptr, gain_ptr, n_parts, n_cols, eps, BLOCK_PARTS: tl.constexpr, BLOCK_COLS: tl.constexpr
+):
+    """n_c = sqrt(Σ_p S_p[c] + eps) and g_c = m_c / n_c from the partials of a split :func:`_column_norm_kernel`."""
+    cols = tl.program_id(0) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    col_ok = cols < n_cols
+    squares = tl.zeros((BLOCK_COLS,), dtype=tl.float32)
+    for p0 in range(0, n_parts, BLOCK_PARTS):
+        parts = p0 + tl.arange(0, BLOCK_PARTS)
+        mask = (parts < n_parts)[:, None] & col_ok[None, :]
+        squares += tl.sum(tl.load(part_ptr + parts[:, None] * n_cols + cols[None, :], mask=mask, other=0.0), axis=0)
     norm = tl.sqrt(squares + eps)
     magnitude = tl.load(m_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     tl.store(norm_ptr + cols, norm, mask=col_ok)
@@ -181,12 +235,12 @@ def _forward_kernel(
         cols = k0 + tl.arange(0, BLOCK_K)
         col_ok = cols < n_in
         x = tl.load(
-            x_ptr + rows64[:, None] * stride_x_m + cols[None, :] * stride_x_k,
+            x_ptr + rows64[:, None] * stride_x_m + cols[None, :].to(tl.int64) * stride_x_k,
             mask=row_ok[:, None] & col_ok[None, :],
             other=0.0,
         )
         if DROPOUT:
-            x = tl.where(_keep(seed, rows64, cols, n_in, dropout_p), x, 0.0)
+            x = x * _keep(seed, rows64, k0, n_in, dropout_p, BLOCK_K, tl.float32 if FP32_DOT else dtype)
         va_t = tl.load(
             va_ptr + cols[:, None] * stride_va_k + ranks[None, :] * stride_va_r,
             mask=col_ok[:, None] & rank_ok[None, :],
@@ -213,7 +267,8 @@ def _forward_kernel(
         y = _mma(h, vb_t, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), FP32_DOT, PRECISION)
         mask = row_ok[:, None] & out_ok[None, :]
         if HAS_BASE:
-            base = tl.load(base_ptr + rows64[:, None] * stride_base_m + outs[None, :] * stride_base_d, mask=mask)
+            base_offsets = rows64[:, None] * stride_base_m + outs[None, :].to(tl.int64) * stride_base_d
+            base = tl.load(base_ptr + base_offsets, mask=mask)
             y += base.to(tl.float32)
         tl.store(y_ptr + rows64[:, None] * n_out + outs[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -267,7 +322,7 @@ def _grad_output_kernel(
             rows64 = rows.to(tl.int64)
             row_rank_mask = (rows < row_end)[:, None] & rank_ok[None, :]
             dy = tl.load(
-                dy_ptr + rows64[:, None] * stride_dy_m + outs[None, :] * stride_dy_d,
+                dy_ptr + rows64[:, None] * stride_dy_m + outs[None, :].to(tl.int64) * stride_dy_d,
                 mask=(rows < row_end)[:, None] & (outs < n_out)[None, :],
                 other=0.0,
             ).to(dtype)
@@ -287,7 +342,7 @@ def _grad_output_kernel(
         for n0 in range(0, n_out, BLOCK_N):
             outs = n0 + tl.arange(0, BLOCK_N)
             dy = tl.load(
-                dy_ptr + rows64[:, None] * stride_dy_m + outs[None, :] * stride_dy_d,
+                dy_ptr + rows64[:, None] * stride_dy_m + outs[None, :].to(tl.int64) * stride_dy_d,
                 mask=(rows < n_rows)[:, None] & (outs < n_out)[None, :],
                 other=0.0,
             ).to(dtype)
@@ -369,11 +424,11 @@ def _grad_input_kernel(
             # TF32 variant with k % 16 == 0 (Triton 3.9: "shared-memory element type bit width must be a multiple of
             # 8; got 1"; 3.6: an assertion in ConvertTritonGPUToLLVM). Like torch's dropout, a dropped inf/NaN of x
             # gives NaN here (in dA only; the forward selects).
-            keep = _keep(seed, rows64, cols, n_in, dropout_p).to(tl.float32)
-            if not FP32_DOT:  # 16 bits suffice for 0/1 (the interpreter's bf16 products are wrong: fp32 there)
-                keep = keep.to(dtype)
+            # (16 bits suffice for 0/1; the interpreter's bf16 products are wrong, it uses fp32)
+            keep = _keep(seed, rows64, pid_k * BLOCK_K, n_in, dropout_p, BLOCK_K, tl.float32 if FP32_DOT else dtype)
         if COMPUTE_DA:
-            x = tl.load(x_ptr + rows64[:, None] * stride_x_m + cols[None, :] * stride_x_k, mask=mask, other=0.0)
+            x_offsets = rows64[:, None] * stride_x_m + cols[None, :].to(tl.int64) * stride_x_k
+            x = tl.load(x_ptr + x_offsets, mask=mask, other=0.0)
             if DROPOUT:
                 x = x * keep
             da = _mma(tl.trans(w), x, da, FP32_DOT, PRECISION)
@@ -422,8 +477,10 @@ def _factor_grad_kernel(
     offsets = rows[:, None] * n_cols + cols[None, :]
 
     grad = tl.zeros((BLOCK_ROWS, BLOCK_COLS), dtype=tl.float32)
-    for p in range(0, n_parts):
-        grad += tl.load(part_ptr + p * n_rows * n_cols + offsets, mask=mask, other=0.0)
+    part = part_ptr + offsets
+    for _ in range(0, n_parts):  # a pointer step per part: no p·n_rows·n_cols product to overflow int32
+        grad += tl.load(part, mask=mask, other=0.0)
+        part += n_rows * n_cols
     dots = tl.zeros((BLOCK_COLS,), dtype=tl.float32)
     for q0 in range(0, n_dot_parts, BLOCK_PARTS):
         parts = q0 + tl.arange(0, BLOCK_PARTS)
@@ -447,9 +504,9 @@ def _keep_mask_kernel(seed_ptr, keep_ptr, n_rows, n_cols, dropout_p, BLOCK_M: tl
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows64 = rows.to(tl.int64)
-    keep = _keep(tl.load(seed_ptr), rows64, cols, n_cols, dropout_p)
+    keep = _keep(tl.load(seed_ptr), rows64, tl.program_id(1) * BLOCK_N, n_cols, dropout_p, BLOCK_N, tl.float32)
     mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
-    tl.store(keep_ptr + rows64[:, None] * n_cols + cols[None, :], keep, mask=mask)
+    tl.store(keep_ptr + rows64[:, None] * n_cols + cols[None, :], keep != 0.0, mask=mask)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -509,25 +566,50 @@ class _DotMode:
 
 
 def _column_scales(direction: torch.Tensor, magnitude: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(n, g) in fp32: n = ‖direction‖_col, g = magnitude / n."""
+    """(n, g) in fp32: n = ‖direction‖_col, g = magnitude / n.
+
+    When the column blocks alone leave SMs idle and there are many rows (V_B: d×r), the rows are split over
+    programs too (at least two row tiles each) and a second small kernel sums their partials.
+    """
     n_rows, n_cols = direction.shape
     norm = torch.empty(n_cols, device=direction.device, dtype=torch.float32)
     gain = torch.empty_like(norm)
     block_rows, block_cols = _reduce_tiles(n_rows, n_cols)
-    _column_norm_kernel[(triton.cdiv(n_cols, block_cols),)](
+    col_tiles = triton.cdiv(n_cols, block_cols)
+    row_groups = min(triton.cdiv(n_rows, 2 * block_rows), _sm_count(direction.device) // col_tiles)
+    rows_per_program = _split(n_rows, row_groups, block_rows)
+    grid = (triton.cdiv(n_rows, rows_per_program), col_tiles)
+    parts = torch.empty((grid[0], n_cols), device=direction.device, dtype=torch.float32) if grid[0] > 1 else None
+    _column_norm_kernel[grid](
         direction,
         magnitude,
         norm,
         gain,
+        parts,
         n_rows,
         n_cols,
         direction.stride(0),
         direction.stride(1),
+        rows_per_program,
         NORM_EPS,
+        SPLIT=parts is not None,
         BLOCK_ROWS=block_rows,
         BLOCK_COLS=block_cols,
         num_warps=CONFIG.num_warps,
     )
+    if parts is not None:
+        _column_norm_finish_kernel[(col_tiles,)](
+            parts,
+            magnitude,
+            norm,
+            gain,
+            grid[0],
+            n_cols,
+            NORM_EPS,
+            BLOCK_PARTS=16,
+            BLOCK_COLS=block_cols,
+            num_warps=CONFIG.num_warps,
+        )
     return norm, gain
 
 
@@ -689,7 +771,7 @@ def _grad_output_pass(
         return t, None, None
 
     out_tiles = triton.cdiv(n_out, block_n)
-    row_groups = triton.cdiv(CONFIG.programs_per_sm * _sm_count(dy.device), out_tiles)
+    row_groups = max(1, CONFIG.programs_per_sm * _sm_count(dy.device) // out_tiles)
     rows_per_program = _split(n_rows, row_groups, block_m)
     grid = (triton.cdiv(n_rows, rows_per_program), out_tiles)
     db, db_dot = empty((grid[0], n_out, rank)), empty((grid[0] * grid[1], rank))
@@ -719,10 +801,10 @@ def _grad_input_pass(
     n_rows, n_in = x.shape
     rank = direction_a.shape[0]
     block_r = max(16, triton.next_power_of_2(rank))
-    block_m = _tile(CONFIG.block_m, block_r)
+    block_m = _tile(CONFIG.block_m_grad_input, block_r)
     block_k = _tile(CONFIG.block_k, block_r)
     col_tiles = triton.cdiv(n_in, block_k)
-    row_groups = triton.cdiv(CONFIG.programs_per_sm * _sm_count(x.device), col_tiles) if need_da else n_rows
+    row_groups = max(1, CONFIG.programs_per_sm * _sm_count(x.device) // col_tiles) if need_da else n_rows
     rows_per_program = _split(n_rows, row_groups, block_m)
     grid = (triton.cdiv(n_rows, rows_per_program), col_tiles)
     dx = torch.empty((n_rows, n_in), device=x.device, dtype=x.dtype) if need_dx else None
@@ -758,7 +840,7 @@ def _grad_input_pass(
         BLOCK_M=block_m,
         BLOCK_K=block_k,
         BLOCK_R=block_r,
-        num_warps=CONFIG.num_warps_grad,
+        num_warps=CONFIG.num_warps_grad_input,
         num_stages=CONFIG.num_stages,
     )
     return dx, da, da_dot

@@ -31,14 +31,23 @@ ON_CUDA = DEVICE.type == "cuda"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SCALING = 0.75
 SMALL_TILES = KernelConfig(
-    block_m=16, block_k=16, block_n=16, block_n_grad=16, block_reduce=16, programs_per_sm=1, interpreter_sms=4
+    block_m=16,
+    block_k=16,
+    block_n=16,
+    block_n_grad=16,
+    block_m_grad_input=16,
+    block_reduce=16,
+    max_acc_elements=256,
+    programs_per_sm=1,
+    interpreter_sms=4,
 )
 GRAD_NAMES = ("x", "direction_a", "magnitude_a", "direction_b", "magnitude_b", "base_out")
 
 
 @pytest.fixture
 def small_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
-    """16-wide tiles and a 4-program target grid, so that small shapes exercise every multi-tile path."""
+    """16-wide tiles (16-row column-norm tiles) and a 4-program target grid, so that small shapes exercise every
+    multi-tile and split path."""
     monkeypatch.setattr(triton_feddora, "CONFIG", SMALL_TILES)
 
 
@@ -69,6 +78,8 @@ SMALL_CASES = (
     # k % 16 == 0 with dropout and backward: the shape class whose fp16/bf16 backward once failed to compile on GPUs
     Case((21,), k=32, d=24, r=4, dropout_p=0.3),
     Case((2, 9), k=48, d=40, r=16, dropout_p=0.5, base=False, layout="transposed"),
+    # many out-features: V_B's column norm split over row groups (partials + finishing kernel)
+    Case((5,), k=32, d=600, r=2, dropout_p=0.25),
 )
 GPU_CASES = (
     Case((1,), k=4096, d=4096, r=16),
