@@ -225,6 +225,8 @@ def test_messages_rows_load_as_the_last_exchange_with_history(tmp_path, caplog):
         {"messages": [conversation(i) for i in range(8)], "category": [f"c{i % 2}" for i in range(8)]}
     )
     assert normalise(hub, {"label": "category"}).to_list() == ds.to_list()
+    hub.save_to_disk(str(tmp_path / "saved"))  # a local copy of a hub dataset loads like the hub id would
+    assert load_instruction_dataset(tmp_path / "saved", {"label": "category"}).to_list() == ds.to_list()
     csv_path = tmp_path / "chat.csv"
     csv_path.write_text('messages\n"' + json.dumps(conversation(5)).replace('"', '""') + '"\n')
     assert load_instruction_dataset(csv_path)[0]["response"] == "It is 10."
