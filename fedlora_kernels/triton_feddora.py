@@ -58,8 +58,9 @@ class KernelConfig:
     """Largest token-row tile."""
     block_k: int = 128
     """In-feature tile (x, dx, V_A)."""
-    block_n: int = 128
-    """Out-feature tile of the forward (y, base, V_B)."""
+    block_n: int = 64
+    """Out-feature tile of the forward (y, base, V_B). 64, not 128: compiled for sm_90 (bf16, r=16, 32-row tiles,
+    4 warps), 128 took 72 registers and spilled 24 bytes; 64 takes 60 and does not spill (sm_80: 144 → 96)."""
     block_n_grad: int = 256
     """Out-feature tile of the backward's pass over dy (dy, dB)."""
     block_m_grad_input: int = 32
@@ -70,6 +71,12 @@ class KernelConfig:
     num_warps_grad_input: int = 8
     max_acc_elements: int = 4096
     """Largest fp32 accumulator tile (rows × padded rank)."""
+    fp32_tile: int = 32
+    """Largest token/feature tile for fp32 inputs. Their dots are IEEE fp32 (FMA, no tensor cores) or TF32, with
+    twice the operand bytes of bf16; at the bf16 tiles ptxas spilled up to 8.5 KB (forward, sm_80) and 6.7 KB
+    (backward, sm_90) per thread, at 32-wide tiles 0-4 bytes (benchmarks/compile_check.py). The fp32 path stays
+    (a bf16 model with PEFT's default ``autocast_adapter_dtype`` keeps the adapter, and so this op, in fp32), at
+    these tiles; running it in the activation dtype would change the numerics the layer promises."""
     block_reduce: int = 64
     """Column tile of the small column-norm and factor-gradient kernels."""
     programs_per_sm: int = 2
@@ -533,8 +540,11 @@ def _pow2_floor(value: int) -> int:
     return 1 << (max(value, 1).bit_length() - 1)
 
 
-def _tile(preferred: int, block_r: int) -> int:
-    """``preferred`` shrunk (to a power of two, at least 16) until a (tile × block_r) fp32 accumulator fits."""
+def _tile(preferred: int, block_r: int, dtype: torch.dtype) -> int:
+    """``preferred`` (at most ``fp32_tile`` for fp32 inputs) shrunk, to a power of two and at least 16, until a
+    (tile × block_r) fp32 accumulator fits."""
+    if dtype == torch.float32:
+        preferred = min(preferred, CONFIG.fp32_tile)
     return max(16, min(preferred, _pow2_floor(CONFIG.max_acc_elements // block_r)))
 
 
@@ -673,8 +683,8 @@ def _forward_pass(
     y = torch.empty((n_rows, n_out), device=x.device, dtype=out_dtype)
     u = torch.empty((n_rows, rank), device=x.device, dtype=torch.float32)
     block_r = max(16, triton.next_power_of_2(rank))
-    block_n = _tile(CONFIG.block_n, block_r)
-    block_m = _tile(CONFIG.block_m, block_r)
+    block_n = _tile(CONFIG.block_n, block_r, x.dtype)
+    block_m = _tile(CONFIG.block_m, block_r, x.dtype)
     sms = _sm_count(x.device)
     while block_m > 16 and triton.cdiv(n_rows, block_m) < sms:  # smaller row tiles until every SM has one
         block_m //= 2
@@ -713,7 +723,7 @@ def _forward_pass(
         FP32_DOT=mode.fp32_dot,
         PRECISION=mode.precision,
         BLOCK_M=block_m,
-        BLOCK_K=_tile(CONFIG.block_k, block_r),
+        BLOCK_K=_tile(CONFIG.block_k, block_r, x.dtype),
         BLOCK_N=block_n,
         BLOCK_R=block_r,
         num_warps=CONFIG.num_warps,
@@ -734,8 +744,8 @@ def _grad_output_pass(
     n_rows, n_out = dy.shape
     rank = direction_b.shape[1]
     block_r = max(16, triton.next_power_of_2(rank))
-    block_m = _tile(CONFIG.block_m, block_r)
-    block_n = _tile(CONFIG.block_n_grad, block_r)
+    block_m = _tile(CONFIG.block_m, block_r, direction_b.dtype)
+    block_n = _tile(CONFIG.block_n_grad, block_r, direction_b.dtype)
 
     def launch(grid, t, db, db_dot, rows_per_program, compute_t, compute_db):
         _grad_output_kernel[grid](
@@ -801,8 +811,8 @@ def _grad_input_pass(
     n_rows, n_in = x.shape
     rank = direction_a.shape[0]
     block_r = max(16, triton.next_power_of_2(rank))
-    block_m = _tile(CONFIG.block_m_grad_input, block_r)
-    block_k = _tile(CONFIG.block_k, block_r)
+    block_m = _tile(CONFIG.block_m_grad_input, block_r, x.dtype)
+    block_k = _tile(CONFIG.block_k, block_r, x.dtype)
     col_tiles = triton.cdiv(n_in, block_k)
     row_groups = max(1, CONFIG.programs_per_sm * _sm_count(x.device) // col_tiles) if need_da else n_rows
     rows_per_program = _split(n_rows, row_groups, block_m)
