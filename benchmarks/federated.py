@@ -1,42 +1,39 @@
-"""The paper's comparison in one command: every federated strategy plus ablations, on one partition and seed.
+"""The paper's comparison in one command: every federated strategy plus ablations, on one partition, over seeds.
 
-``python -m benchmarks.federated [--preset cpu|gpu] [--partition dirichlet|label] [--out DIR] [--strategies ...]``
+``python -m benchmarks.federated [--preset cpu|gpu] [--partition dirichlet|label] [--seeds 0 1 2] [--strategies ...]``
 
 Each variant is an existing strategy of :mod:`fedlora.federated.strategy` with config overrides, trained in this
-process, one after another, by :func:`fedlora.federated.train` into ``<out>/<variant>/``; all share the preset,
-the data, the partition and the seed:
+process, one after another, by :func:`fedlora.federated.train` into ``<out>/<variant>/seed<k>/``; for each seed
+all variants share the preset, the data, the partition, the client splits and the client sampling:
 
 * the strategies ``fedlora-opt`` (FedDoRA, directions shared, magnitudes personal), ``fedit``, ``ffa-lora``,
   ``fedsa-lora``, ``fed-dora`` (all four FedDoRA tensors shared), ``local`` and ``centralized``;
 * ``fedlora-opt/shared-A-direction``: ``adapter.tensor_roles={"B.direction": "personal"}``, only the A directions
   are shared. With ``fedlora-opt`` (A and B directions) and ``fed-dora`` (directions and magnitudes) this is the
   ablation of which tensors are shared;
-* ``fedlora-opt/no-local-stage``: ``client.local_steps=0``. The magnitudes then keep their initial values and
-  m_B = 0 makes B = 0, so no adapter tensor gets a gradient: this row is the base model, the reference every
-  other row improves on;
-* ``fedlora-opt/fedadam``: the server applies FedAdam (``server.lr=1e-2``) instead of FedAvg;
-* ``fedlora-opt/local-lr-0.1``: the local stage trains the magnitudes at ``client.local_lr=0.1`` instead of 1e-2.
-  A FedDoRA factor is V·diag(m/‖V‖_col), so a column of B has norm m_B[j] however long it is, while an AdamW step
-  at lr moves every entry of a LoRA B column by about lr (its norm by about lr·√d_out); starting from m_B = 0,
-  FedDoRA's update therefore grows far more slowly than LoRA's at comparable learning rates.
+* ``fedlora-opt/global-first``: the directions' stage before the magnitudes' (``client.order=global-first``);
+* ``fedlora-opt/fedadam``: the server applies FedAdam (``server.lr=1e-2``) instead of FedAvg.
 
-Presets: ``cpu`` (sized for a loaded 2-core machine, 22–28 minutes per partition with ``--cpu-threads 1``: 3
-rounds, half of the 8 clients sampled per round, 4 steps of batch 1 per client and round (``fedlora-opt``: 2 local
-+ 2 global), 64-token sequences, 160 examples in all (at least 5 per client, so every Dolly category can be a
-client), evaluation after every round of the loss on a 4-example global test set and each client's test split, no
-ROUGE-L: one greedy generation costs as much as a few training steps here) and ``gpu`` (the whole of Dolly, 10
-rounds of 20 steps, all clients, 192 tokens, 200 global test examples, 20 ROUGE examples with 64 new tokens,
-evaluation after every round, ``device=cuda``). ``--model``, ``--data`` and ``--set key=value`` adjust any preset
-(the tests run a tiny model). The CPU preset keeps only the Dolly rows whose instruction + context have at most
-600 characters (``--max-prompt-chars``; all 8 categories keep at least 300 rows), because long prompts dominate
-CPU evaluation time. On a shared CPU, ``--cpu-threads 1`` is several times faster than torch's default.
+Every run scores round 0 (the initial adapter, which is the base model), so every row shows its change from there.
 
-After each variant, one row is appended to ``<results-dir>/federated-<preset>-<partition>-<UTC date>.jsonl`` and
-the markdown table (``.md``) and curves (``.png``) of all rows of that file are rewritten, so an interrupted run
-leaves a consistent partial report. A variant whose run directory exists is resumed (``--resume``) from its
-checkpoint; its ``wall_s`` then counts only this invocation. Row fields: ``variant, strategy, overrides, final_round,
-global``/``local`` (``loss``, ``perplexity``, ``rougeL`` if evaluated, and their ``_std`` over clients at the final
-round), ``curves`` (the same per evaluated round), ``bytes_sent_per_round`` (the shared tensors' bytes × the
+Presets: ``cpu`` (sized for a 2-core machine with ``--cpu-threads 1``: 8 clients, all sampled every round, 3 rounds
+of 8 steps of batch 1 per client (``fedlora-opt``: 4 local + 4 global), 64-token sequences, 480 Dolly rows with at
+least 16 per client, a quarter of each client's rows as its test split (at least 4), a 32-example global test set,
+the loss evaluated at round 0 and after round 3 only, no ROUGE-L: evaluating 8 personal models costs more than
+training them here, and one greedy generation as much as a few training steps) and
+``gpu`` (the whole of Dolly, 10 rounds of 20 steps, 192 tokens, 200 global test examples, 20 ROUGE examples with 64
+new tokens, ``device=cuda``). ``--model``, ``--data`` and ``--set key=value`` adjust any preset (the tests run a
+tiny model). The CPU preset keeps only the Dolly rows whose instruction + context have at most 600 characters
+(``--max-prompt-chars``; all 8 categories keep at least 300 rows), because long prompts dominate CPU evaluation
+time. On a shared CPU, ``--cpu-threads 1`` is several times faster than torch's default.
+
+After each run, one row is appended to ``<results-dir>/federated-<preset>-<partition>-<UTC date>.jsonl`` and the
+markdown tables (``.md``: mean ± std over seeds per variant, then ``fedlora-opt`` minus every other variant paired
+by seed) and curves (``.png``) of all rows of that file are rewritten, so an interrupted run leaves a consistent
+partial report. A run whose directory exists is resumed (``--resume``) from its checkpoint; its ``wall_s`` then
+counts only this invocation. Row fields: ``variant, strategy, overrides, final_round, global``/``local``
+(``loss``, ``perplexity``, ``rougeL`` if evaluated, and their ``_std`` over clients at the final round),
+``curves`` (the same per evaluated round, from round 0), ``bytes_sent_per_round`` (the shared tensors' bytes × the
 clients that trained in a round, client → server), ``shared_params``, ``personal_params`` (per client),
 ``trainable_params``, ``wall_s``, ``resumed``, ``run_dir``, ``command``, ``seed``, ``preset``, ``partition``,
 ``date``, ``machine`` and ``config`` (the resolved run configuration).
@@ -57,6 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 from matplotlib.figure import Figure
@@ -67,8 +65,9 @@ from fedlora.federated import build_config, train
 from fedlora.federated.report import EVAL_SPLITS, METRICS
 from fedlora.federated.storage import RunDir
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
-DOLLY_PATH = "/work/shared/data/dolly/databricks-dolly-15k.jsonl"
+REPO = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO / "benchmarks" / "results"
+DOLLY_PATH = str(REPO.parent / "shared" / "data" / "dolly" / "databricks-dolly-15k.jsonl")
 TARGET_MODULES = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 COMMON = {
@@ -81,17 +80,18 @@ COMMON = {
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {
         "rounds": 3,
-        "server.fraction": 0.5,
+        "server.fraction": 1.0,
         "data.num_clients": 8,
-        "data.max_examples": 160,
-        "data.min_examples": 5,
+        "data.max_examples": 480,
+        "data.min_examples": 16,
+        "data.test_fraction": 0.25,
         "data.max_length": 64,
-        "data.global_test_size": 4,
+        "data.global_test_size": 32,
         "client.batch_size": 1,
-        "client.steps": 4,
-        "client.local_steps": 2,
-        "client.global_steps": 2,
-        "eval.every": 1,
+        "client.steps": 8,
+        "client.local_steps": 4,
+        "client.global_steps": 4,
+        "eval.every": 3,
         "eval.rouge_examples": 0,
     },
     "gpu": {
@@ -124,9 +124,8 @@ class Variant:
 STRATEGY_NAMES = ("fedlora-opt", "fedit", "ffa-lora", "fedsa-lora", "fed-dora", "local", "centralized")
 VARIANTS = [Variant(name, name) for name in STRATEGY_NAMES] + [
     Variant("fedlora-opt/shared-A-direction", "fedlora-opt", {"adapter.tensor_roles": {"B.direction": "personal"}}),
-    Variant("fedlora-opt/no-local-stage", "fedlora-opt", {"client.local_steps": 0}),
+    Variant("fedlora-opt/global-first", "fedlora-opt", {"client.order": "global-first"}),
     Variant("fedlora-opt/fedadam", "fedlora-opt", {"server.optimizer": "fedadam", "server.lr": 1e-2}),
-    Variant("fedlora-opt/local-lr-0.1", "fedlora-opt", {"client.local_lr": 0.1}),
 ]
 VARIANTS_BY_NAME = {variant.name: variant for variant in VARIANTS}
 PROMPT_CHARS = {"cpu": 600, "gpu": None}  # Dolly rows kept: instruction + context of at most this many characters
@@ -145,7 +144,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="keep Dolly rows whose instruction + context fit (default: the preset's; 0: all)",
     )
     parser.add_argument("--model", help="override the preset's model (a local dir, hub id, .gguf or alias)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="run every variant once per seed")
     parser.add_argument("--out", type=Path, help="parent of the run dirs (default: runs/federated-<tag>)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides on the preset")
@@ -154,10 +153,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def base_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """The overrides every variant shares: common settings, the preset, the partition, then the command line."""
+def base_overrides(args: argparse.Namespace, seed: int) -> dict[str, Any]:
+    """The overrides every variant shares: common settings, the preset, the partition, the seed, then the command
+    line."""
     overrides = {**COMMON, **PRESETS[args.preset], "data.path": args.data, "data.partition": args.partition}
-    overrides["seed"] = args.seed
+    overrides["seed"] = seed
     if args.model:
         overrides["model.name"] = args.model
     if args.partition == "label":  # one client per category: the data decides how many
@@ -273,20 +273,14 @@ def result_row(variant: Variant, run_dir: Path, timing: Mapping[str, Any], conte
 
 
 def load_rows(path: Path) -> list[dict[str, Any]]:
-    """The rows of a results file; of several rows of one variant (re-runs), the last."""
-    rows: dict[str, dict[str, Any]] = {}
+    """The rows of a results file; of several rows of one variant and seed (re-runs), the last."""
+    rows: dict[tuple[str, int], dict[str, Any]] = {}
     if path.exists():
         for line in path.read_text().splitlines():
             if line.strip():
                 row = json.loads(line)
-                rows[row["variant"]] = row
+                rows[row["variant"], row["seed"]] = row
     return list(rows.values())
-
-
-def _cell(scores: Mapping[str, Any] | None, metric: str) -> str:
-    if not scores or metric not in scores:
-        return "—"
-    return f"{scores[metric]:.3f} ± {scores[metric + '_std']:.3f}"
 
 
 def evaluated_metrics(rows: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -296,49 +290,104 @@ def evaluated_metrics(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     ]
 
 
-def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """One line per variant: final global and local ROUGE-L (if evaluated) and loss (mean ± std over clients),
-    traffic, size."""
-    scores = [(split, metric) for split in EVAL_SPLITS for metric in reversed(evaluated_metrics(rows))]
-    titles = {"loss": "loss", "rougeL": "ROUGE-L"}
-    header = " | ".join(
-        ["| variant", "strategy", "overrides"]
-        + [f"{split} {titles[metric]}" for split, metric in scores]
-        + ["MB sent / round", "trainable", "personal / client", "wall s |"]
-    )
-    lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
+def by_variant(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[int, Mapping[str, Any]]]:
+    """Variant -> seed -> row, variants in first-appearance order."""
+    grouped: dict[str, dict[int, Mapping[str, Any]]] = {}
     for row in rows:
-        sent = row["bytes_sent_per_round"][-1] / 1e6 if row["bytes_sent_per_round"] else 0.0
-        overrides = ", ".join(f"{k}={v}" for k, v in row["overrides"].items()) or "—"
-        cells = [
-            row["variant"],
-            row["strategy"],
-            overrides,
-            *(_cell(row.get(split), metric) for split, metric in scores),
-            f"{sent:.2f}",
-            f"{row['trainable_params']:,}",
-            f"{row['personal_params']:,}",
-            f"{row['wall_s']:.0f}",
-        ]
+        grouped.setdefault(row["variant"], {})[row["seed"]] = row
+    return grouped
+
+
+def _initial(row: Mapping[str, Any], key: str) -> float | None:
+    """A curve's value at round 0 (the initial adapter, i.e. the base model)."""
+    return next((point[key] for point in row["curves"] if point["round"] == 0 and key in point), None)
+
+
+def _mean_std(values: Sequence[float]) -> str:
+    if not values:
+        return "—"
+    std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    return f"{np.mean(values):.4f} ± {std:.4f}"
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """One line per variant: round-0 and final global and local scores as mean ± std over seeds (each seed's
+    score is the mean over clients), the final loss's change from round 0, traffic and size."""
+    metrics = evaluated_metrics(rows)
+    titles = {"loss": "loss", "rougeL": "ROUGE-L"}
+    scores = [(split, metric) for split in EVAL_SPLITS for metric in metrics]
+    header = ["variant", "seeds"]
+    header += [f"{split} {titles[m]} {when}" for split, m in scores for when in ("round 0", "final")]
+    header += ["global loss Δ", "local loss Δ", "MB sent / round", "trainable", "personal / client", "wall s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for variant, seeds in by_variant(rows).items():
+        runs = [seeds[seed] for seed in sorted(seeds)]
+        cells = [variant, ",".join(str(seed) for seed in sorted(seeds))]
+        for split, metric in scores:
+            key = f"{split}_{metric}"
+            initial = [v for v in (_initial(run, key) for run in runs) if v is not None]
+            cells += [_mean_std(initial), _mean_std([run[split][metric] for run in runs if metric in run[split]])]
+        for split in EVAL_SPLITS:
+            change = [
+                100 * (run[split]["loss"] / _initial(run, f"{split}_loss") - 1)
+                for run in runs
+                if _initial(run, f"{split}_loss")
+            ]
+            cells.append(f"{np.mean(change):+.1f}%" if change else "—")
+        sent = runs[-1]["bytes_sent_per_round"][-1] / 1e6 if runs[-1]["bytes_sent_per_round"] else 0.0
+        cells += [f"{sent:.2f}", f"{runs[-1]['trainable_params']:,}", f"{runs[-1]['personal_params']:,}"]
+        cells.append(f"{np.mean([run['wall_s'] for run in runs]):.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def paired_table(rows: Sequence[Mapping[str, Any]], subject: str = "fedlora-opt") -> str:
+    """``subject`` minus every other variant on the same seeds: final global and local loss (and ROUGE-L),
+    per seed and as mean ± std over seeds, with how many seeds ``subject`` is better (lower loss, higher ROUGE-L)."""
+    grouped = by_variant(rows)
+    if subject not in grouped:
+        return ""
+    metrics = evaluated_metrics(rows)
+    header = ["vs", "seeds"] + [f"Δ {split} {metric}" for split in EVAL_SPLITS for metric in metrics]
+    lines = [f"Paired by seed: `{subject}` minus the other variant (negative loss Δ: `{subject}` is better).", ""]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for other, seeds in grouped.items():
+        common = sorted(set(seeds) & set(grouped[subject]))
+        if other == subject or not common:
+            continue
+        cells = [other, ",".join(map(str, common))]
+        for split in EVAL_SPLITS:
+            for metric in metrics:
+                diffs = [grouped[subject][s][split][metric] - seeds[s][split][metric] for s in common]
+                wins = sum((d < 0) if metric == "loss" else (d > 0) for d in diffs)
+                per_seed = ", ".join(f"{d:+.4f}" for d in diffs)
+                cells.append(f"{_mean_std(diffs)} ({per_seed}; better on {wins}/{len(diffs)})")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def plot_curves(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
-    """Global and local loss and ROUGE-L (if evaluated; means over clients) per round, one line per variant
-    (ablations dashed), as a PNG."""
+    """Global and local loss and ROUGE-L (if evaluated) per round, the mean over seeds of the means over clients,
+    with the spread over seeds shaded; one line per variant (ablations dashed), as a PNG."""
     metrics = evaluated_metrics(rows)
     panels = [(split, metric) for metric in metrics for split in EVAL_SPLITS]
     figure = Figure(figsize=(11, 4 * len(metrics)), layout="constrained")
     for axes, (split, metric) in zip(figure.subplots(len(metrics), 2, squeeze=False).flat, panels, strict=True):
         key = f"{split}_{metric}"
-        for row in rows:
-            points = [point for point in row["curves"] if key in point]
-            style = "--" if row["overrides"] else "-"  # ablations dashed, so colours may repeat past 10 rows
-            rounds, values = [p["round"] for p in points], [p[key] for p in points]
-            axes.plot(rounds, values, marker="o", linestyle=style, label=row["variant"])
-        axes.set_title(f"{split} {metric} (mean over clients)")
-        axes.set_xlabel("round")
+        for variant, seeds in by_variant(rows).items():
+            per_round: dict[int, list[float]] = {}
+            for run in seeds.values():
+                for point in run["curves"]:
+                    if key in point:
+                        per_round.setdefault(point["round"], []).append(point[key])
+            rounds = sorted(per_round)
+            mean = np.array([np.mean(per_round[r]) for r in rounds])
+            std = np.array([np.std(per_round[r]) for r in rounds])
+            style = "--" if next(iter(seeds.values()))["overrides"] else "-"  # ablations dashed
+            axes.plot(rounds, mean, marker="o", linestyle=style, label=f"{variant} ({len(seeds)} seeds)")
+            axes.fill_between(rounds, mean - std, mean + std, alpha=0.15)
+        axes.set_title(f"{split} {metric} (mean over clients, then over seeds)")
+        axes.set_xlabel("round (0: the base model)")
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.grid(alpha=0.3)
     figure.legend(*figure.axes[0].get_legend_handles_labels(), loc="outside right center", fontsize="small")
@@ -346,14 +395,14 @@ def plot_curves(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
 
 
 def write_reports(results: Path) -> None:
-    """Rewrite the ``.md`` table and ``.png`` curves of all rows in ``results``."""
+    """Rewrite the ``.md`` tables and ``.png`` curves of all rows in ``results``."""
     rows = load_rows(results)
-    results.with_suffix(".md").write_text(markdown_table(rows))
+    results.with_suffix(".md").write_text(markdown_table(rows) + "\n" + paired_table(rows))
     plot_curves(rows, results.with_suffix(".png"))
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
-    """Run the selected variants one after another; returns the results file."""
+    """Run the selected variants one after another, for every seed; returns the results file."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if args.cpu_threads:
@@ -366,24 +415,25 @@ def main(argv: Sequence[str] | None = None) -> Path:
     limit = PROMPT_CHARS[args.preset] if args.max_prompt_chars is None else args.max_prompt_chars
     if limit and Path(args.data).is_file():
         args.data = str(short_prompts(Path(args.data), limit, out / f"dolly-max{limit}chars.jsonl"))
-    overrides = base_overrides(args)
-    context = {
-        "command": shlex.join(["python", "-m", "benchmarks.federated", *argv]),
-        "seed": args.seed,
-        "preset": args.preset,
-        "partition": args.partition,
-        "date": date,
-        "machine": machine(),
-    }
-    for name in args.strategies:
-        variant = VARIANTS_BY_NAME[name]
-        run_dir = out / name.replace("/", "--")
-        print(f"[{time.strftime('%H:%M:%S')}] {name} → {run_dir}", flush=True)
-        timing = run_variant(variant, overrides, run_dir, progress=not args.no_progress)
-        with results.open("a") as f:
-            f.write(json.dumps(result_row(variant, run_dir, timing, context)) + "\n")
-        write_reports(results)
-        print(f"[{time.strftime('%H:%M:%S')}] {name} done in {timing['wall_s']:.0f} s", flush=True)
+    for seed in args.seeds:
+        overrides = base_overrides(args, seed)
+        context = {
+            "command": shlex.join(["python", "-m", "benchmarks.federated", *argv]),
+            "seed": seed,
+            "preset": args.preset,
+            "partition": args.partition,
+            "date": date,
+            "machine": machine(),
+        }
+        for name in args.strategies:
+            variant = VARIANTS_BY_NAME[name]
+            run_dir = out / name.replace("/", "--") / f"seed{seed}"
+            print(f"[{time.strftime('%H:%M:%S')}] {name} seed {seed} → {run_dir}", flush=True)
+            timing = run_variant(variant, overrides, run_dir, progress=not args.no_progress)
+            with results.open("a") as f:
+                f.write(json.dumps(result_row(variant, run_dir, timing, context)) + "\n")
+            write_reports(results)
+            print(f"[{time.strftime('%H:%M:%S')}] {name} seed {seed} done in {timing['wall_s']:.0f} s", flush=True)
     print(results.with_suffix(".md").read_text())
     return results
 

@@ -12,6 +12,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from fedlora.data import build_federated_data
+from fedlora.evaluation import evaluate_loss
 from fedlora.federated import (
     ClientApp,
     FedAdam,
@@ -328,6 +329,14 @@ def test_two_round_run_directory(make_config, run, tokenizer):
             assert mean["loss"] == pytest.approx(sum(r["loss"] for r in per_client) / 3)
             assert {"loss_std", "perplexity_std", "rougeL_std"} <= set(mean)
         assert len([r for r in rows if r["round"] == round_ and r["split"] == "train"]) == 3
+    # Round 0 (committed with round 1) scores the initial adapter, i.e. the base model, for every client.
+    assert [r["round"] for r in rows if "client" not in r][:2] == [0, 0]
+    base = tiny_llama(len(tokenizer))
+    initial = {(r["split"], r["client"]): r["loss"] for r in rows if r["round"] == 0 and "client" in r}
+    assert len(initial) == 6 and not [r for r in rows if r["round"] == 0 and r["split"] == "train"]
+    data = build_federated_data(data_config(config), tokenizer)
+    global_loss = evaluate_loss(base, data.global_test, tokenizer.pad_token_id)["loss"]
+    assert all(initial["global", c] == pytest.approx(global_loss, rel=1e-5) for c in ("client_0", "client_1"))
 
     # The global adapter is a plain PEFT FedDoRA adapter holding the global directions.
     loaded = PeftModel.from_pretrained(tiny_llama(len(tokenizer)), run_dir / "global_adapter")

@@ -1,8 +1,8 @@
 """The federated benchmark (benchmarks/federated.py) in a tiny mode: well-formed rows, table and plot.
 
 A tiny random Llama saved to disk stands in for SmolLM2; 2 clients of the packaged Dolly sample, 2 rounds each
-evaluated, 2 strategies and the A-direction-only ablation. Scores are never asserted, only that every documented
-field is there with a sensible shape.
+evaluated, 2 strategies and the A-direction-only ablation, 2 seeds. Scores are never asserted, only that every
+documented field is there with a sensible shape, and that the tables aggregate over seeds and pair by seed.
 """
 
 from __future__ import annotations
@@ -51,6 +51,9 @@ def test_tiny_benchmark_writes_rows_table_and_plot(tmp_path, restore_threads):
             *STRATEGIES,
             "--cpu-threads",
             "1",
+            "--seeds",
+            "0",
+            "1",
             "--no-progress",
             "--set",
         ]
@@ -58,20 +61,24 @@ def test_tiny_benchmark_writes_rows_table_and_plot(tmp_path, restore_threads):
     )
 
     rows = [json.loads(line) for line in results.read_text().splitlines()]
-    assert [row["variant"] for row in rows] == STRATEGIES
+    assert [(row["variant"], row["seed"]) for row in rows] == [(v, seed) for seed in (0, 1) for v in STRATEGIES]
     for row in rows:
-        assert row["final_round"] == 2 and row["seed"] == 0 and row["partition"] == "dirichlet"
+        assert row["final_round"] == 2 and row["partition"] == "dirichlet"
         assert row["command"].startswith("python -m benchmarks.federated")
         assert row["config"]["strategy"] == row["strategy"] and row["config"]["data"]["num_clients"] == 2
         for split in ("global", "local"):
             for metric in ("loss", "perplexity", "rougeL"):
                 assert math.isfinite(row[split][metric]) and row[split][f"{metric}_std"] >= 0
-        assert [point["round"] for point in row["curves"]] == [1, 2]
+        assert [point["round"] for point in row["curves"]] == [0, 1, 2]  # round 0: the base model
         assert all({"global_loss", "local_rougeL"} <= set(point) for point in row["curves"])
         assert len(row["bytes_sent_per_round"]) == 2 and min(row["bytes_sent_per_round"]) > 0
         assert row["trainable_params"] == row["shared_params"] + row["personal_params"] > 0
         assert row["wall_s"] > 0 and row["resumed"] is False
-    opt, fedit, a_only = rows
+    # round 0 is the base model: the same scores for every variant of a seed
+    for seed in (0, 1):
+        initial = {round(r["curves"][0]["global_loss"], 5) for r in rows if r["seed"] == seed}
+        assert len(initial) == 1
+    opt, fedit, a_only = rows[:3]
     assert opt["personal_params"] > 0 and fedit["personal_params"] == 0
     # each of the 2 clients sends its shared float32 tensors once per round
     assert opt["bytes_sent_per_round"] == [2 * 4 * opt["shared_params"]] * 2
@@ -80,7 +87,13 @@ def test_tiny_benchmark_writes_rows_table_and_plot(tmp_path, restore_threads):
     assert 0 < a_only["shared_params"] < opt["shared_params"] and a_only["trainable_params"] == opt["trainable_params"]
     assert a_only["overrides"] == {"adapter.tensor_roles": {"B.direction": "personal"}}
 
-    table = results.with_suffix(".md").read_text().splitlines()
+    table, paired = results.with_suffix(".md").read_text().split("\n\n", 1)
+    table = table.splitlines()
     assert len(table) == 2 + len(STRATEGIES)
     assert all(line.startswith("|") and line.count("|") == table[0].count("|") for line in table)
+    assert all(line.split(" | ")[1] == "0,1" for line in table[2:])  # both seeds aggregated
+    paired_rows = [line for line in paired.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [line.split(" | ")[0] for line in paired_rows] == ["| fedit", "| fedlora-opt/shared-A-direction"]
+    d = rows[0]["global"]["loss"] - rows[1]["global"]["loss"]  # fedlora-opt minus fedit, seed 0
+    assert f"{d:+.4f}" in paired_rows[0]
     assert results.with_suffix(".png").read_bytes().startswith(b"\x89PNG")

@@ -128,7 +128,7 @@ def assert_only_shared_tensors_on_the_wire(wire: Path, roles: Mapping[str, list[
     """A node's wire log: the expected messages, each tensor record holding exactly the shared tensors, and no
     personal or frozen tensor name anywhere."""
     entries = [json.loads(line) for line in wire.read_text().splitlines()]
-    expected = ["query"] + ["train"] * rounds + ["evaluate"]
+    expected = ["query", "evaluate"] + ["train"] * rounds + ["evaluate"]  # round 0 is evaluated first
     assert [(e["type"], e["direction"]) for e in entries] == [(t, d) for t in expected for d in ("in", "out")]
     private = set(roles["personal"]) | set(roles["frozen"])
     for entry in entries:

@@ -129,6 +129,7 @@ def train(
         f"fedlora {config.strategy}: {len(sizes)} clients (train sizes {sizes}, global test "
         f"{len(fed.data.global_test)}), rounds {start + 1}..{config.rounds}, run dir {run_dir.path}"
     )
+    rows = initial_scores(fed, eval_states.values(), server.global_tensors, config, progress) if start == 0 else []
 
     for round_ in tqdm(range(start + 1, config.rounds + 1), desc="rounds", disable=not progress):
         started = time.perf_counter()
@@ -136,7 +137,7 @@ def train(
         ins = server.fit_ins(round_)
         results, failures = fit_clients(app, [train_states[client_id] for client_id in sampled], ins)
         rejected = server.aggregate(results, round_, failures=failures)
-        rows = train_rows(round_, results, rejected, failures)
+        rows += train_rows(round_, results, rejected, failures)
         epsilon = server.epsilon(round_, len(train_states)) if server.privacy else None  # nothing to restore
         rows += privacy_rows(round_, epsilon, config.privacy.delta)
         evaluated = round_ % config.eval.every == 0 or round_ == config.rounds
@@ -163,7 +164,25 @@ def train(
             trained = [train_states[result.client_id] for result in results]  # not the failed ones
             run_dir.commit_round(checkpoint, trained if persisted else [])
             publish_adapter(app, server.global_tensors, initial_personal, run_dir)
+        rows = []
     return run_dir.path
+
+
+def initial_scores(
+    fed: Federation,
+    states: Iterable[ClientState],
+    shared: Mapping[str, Tensor],
+    config: RunConfig,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Round 0: every client's initial model (the base model, since every adapter starts at ΔW = 0) scored and
+    printed like a round, so each run shows its improvement. The rows are committed with round 1's."""
+    started = time.perf_counter()
+    scores = evaluate_round(fed, states, shared, progress)
+    summaries = summarize(0, scores)
+    title = f"round 0/{config.rounds} · {config.strategy} · initial adapter · {time.perf_counter() - started:.1f} s"
+    tqdm.write(format_table(title, summaries))
+    return _with_round(0, scores) + summaries
 
 
 def fit_clients(app: ClientApp, states: Iterable[ClientState], ins: FitIns) -> tuple[list[FitRes], list[Rejection]]:

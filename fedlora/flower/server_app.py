@@ -67,6 +67,13 @@ def serve(grid: Grid, config: RunConfig, settings: FlowerSettings) -> Path:
     arrays = to_record(server.global_tensors)
     publish_adapter(adapter, server.global_tensors, initial_personal, run_dir)
     tqdm.write(f"fedlora {config.strategy} on Flower: clients {list(nodes)}, run dir {run_dir.path}")
+    started = time.perf_counter()  # round 0: the initial adapter (the base model), committed with round 1
+    strategy.aggregate_evaluate(
+        0, exchange(grid, strategy.configure_evaluate(0, arrays, ConfigRecord(), grid), settings.round_timeout)
+    )
+    rows = [{"round": 0, **row} for row in fedlora.scores] + summarize(0, fedlora.scores)
+    title = f"round 0/{config.rounds} · {config.strategy} · initial adapter · {time.perf_counter() - started:.1f} s"
+    tqdm.write(format_table(title, summarize(0, fedlora.scores)))
 
     for round_ in range(1, config.rounds + 1):
         started = time.perf_counter()
@@ -75,7 +82,7 @@ def serve(grid: Grid, config: RunConfig, settings: FlowerSettings) -> Path:
         if aggregated is None:
             raise RuntimeError(f"round {round_}: the strategy did not aggregate the replies (see the log above)")
         arrays = aggregated
-        rows = train_rows(round_, fedlora.results, fedlora.rejected, fedlora.failures)
+        rows += train_rows(round_, fedlora.results, fedlora.rejected, fedlora.failures)
         epsilon = server.epsilon(round_, len(nodes)) if server.privacy else None
         rows += privacy_rows(round_, epsilon, config.privacy.delta)
         evaluated = round_ % config.eval.every == 0 or round_ == config.rounds
@@ -93,6 +100,7 @@ def serve(grid: Grid, config: RunConfig, settings: FlowerSettings) -> Path:
         if evaluated:
             plot_scores(run_dir.read_metrics(), run_dir.plot)
         publish_adapter(adapter, to_tensors(arrays), initial_personal, run_dir)
+        rows = []
     return run_dir.path
 
 

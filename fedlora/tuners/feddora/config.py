@@ -11,6 +11,9 @@ from fedlora.tuners.feddora.peft_type import FEDDORA
 
 ROLES = ("shared", "personal", "frozen")
 TENSORS = ("A.direction", "A.magnitude", "B.direction", "B.magnitude")
+INIT_WEIGHTS = (True, False, "gaussian", "zero_A", "zero_B")
+DEFAULT_ZERO_FACTOR = "A"
+"""The factor that ``init_weights=True`` starts at zero (chosen by ``python -m benchmarks.learning``, see README)."""
 PAPER_TENSOR_ROLES = {
     "A.direction": "shared",
     "B.direction": "shared",
@@ -42,9 +45,13 @@ class FedDoRAConfig(PeftConfig):
         layers_pattern: Name of the layers ModuleList, used with ``layers_to_transform``.
         rank_pattern: Per-module rank overrides, ``{regex: r}``.
         alpha_pattern: Per-module lora_alpha overrides, ``{regex: alpha}``.
-        init_weights: ``True``: V_A kaiming-uniform, m_A = ‖V_A‖_col (so A = V_A), V_B kaiming-uniform and
-            m_B = 0, so the adapted model equals the base model exactly; ``"gaussian"``: the same with
-            V_A ~ N(0, 1/r); ``False``: also m_B = ‖V_B‖_col, a nonzero update (for tests and experiments).
+        init_weights: V_A and V_B start kaiming-uniform (fan-in k and r), and one factor starts at zero through its
+            magnitude while the other equals its direction, so the adapted model equals the base model exactly.
+            ``True`` (= ``"zero_A"``): m_A = 0, m_B = ‖V_B‖_col (B = V_B); ``"zero_B"``: m_A = ‖V_A‖_col
+            (A = V_A), m_B = 0, the previous default; ``"gaussian"``: ``True`` with V_A ~ N(0, 1/r); ``False``:
+            both magnitudes equal their directions' norms, a nonzero update (for tests and experiments). With
+            ``zero_B`` only the r entries of m_B get a gradient at the first step and B's columns grow by about lr
+            per Adam step; with ``zero_A`` the k entries of m_A do (see the README's learning benchmark).
         tensor_roles: For each of ``A.direction``, ``A.magnitude``, ``B.direction``, ``B.magnitude``: ``"shared"``
             (trained and averaged by the server), ``"personal"`` (trained, never leaves the client) or
             ``"frozen"`` (not trained). Defaults to the paper: directions shared, magnitudes personal.
@@ -65,8 +72,9 @@ class FedDoRAConfig(PeftConfig):
     layers_pattern: list[str] | str | None = field(default=None, metadata={"help": "Name of the layers ModuleList."})
     rank_pattern: dict = field(default_factory=dict, metadata={"help": "Per-module rank overrides {regex: r}."})
     alpha_pattern: dict = field(default_factory=dict, metadata={"help": "Per-module alpha overrides {regex: a}."})
-    init_weights: bool | Literal["gaussian"] = field(
-        default=True, metadata={"help": "True: identity at step 0; 'gaussian': V_A ~ N(0, 1/r); False: nonzero B."}
+    init_weights: bool | Literal["gaussian", "zero_A", "zero_B"] = field(
+        default=True,
+        metadata={"help": "True/'zero_A': m_A = 0; 'zero_B': m_B = 0; 'gaussian': V_A ~ N(0, 1/r); False: BA ≠ 0."},
     )
     tensor_roles: dict[str, str] = field(
         default_factory=lambda: dict(PAPER_TENSOR_ROLES),
@@ -92,9 +100,9 @@ class FedDoRAConfig(PeftConfig):
             raise ValueError(f"FedDoRAConfig.lora_dropout must be in [0, 1); got {self.lora_dropout!r}.")
         if self.bias not in ("none", "all", "feddora_only"):
             raise ValueError(f"FedDoRAConfig.bias must be 'none', 'all' or 'feddora_only'; got {self.bias!r}.")
-        if self.init_weights not in (True, False, "gaussian"):
+        if not isinstance(self.init_weights, bool | str) or self.init_weights not in INIT_WEIGHTS:
             raise ValueError(
-                f"FedDoRAConfig.init_weights must be True, False or 'gaussian'; got {self.init_weights!r}."
+                f"FedDoRAConfig.init_weights must be one of {list(INIT_WEIGHTS)}; got {self.init_weights!r}."
             )
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError("FedDoRAConfig.layers_to_transform cannot be used when target_modules is a regex string.")
@@ -116,3 +124,12 @@ class FedDoRAConfig(PeftConfig):
         if role not in ROLES:
             raise ValueError(f"Unknown tensor role {role!r}; expected one of {list(ROLES)}.")
         return [tensor for tensor in TENSORS if self.tensor_roles[tensor] == role]
+
+
+def zero_factor(init_weights: bool | str) -> str | None:
+    """The factor (``"A"`` or ``"B"``) that ``init_weights`` starts at zero; None for ``False`` (neither)."""
+    if init_weights is False:
+        return None
+    if init_weights in ("zero_A", "zero_B"):
+        return init_weights[-1]
+    return DEFAULT_ZERO_FACTOR

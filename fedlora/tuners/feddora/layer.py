@@ -11,7 +11,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from fedlora.tuners.feddora.config import FedDoRAConfig
+from fedlora.tuners.feddora.config import FedDoRAConfig, zero_factor
 from fedlora_kernels import column_norm, feddora_delta_weight, feddora_lora
 
 
@@ -24,7 +24,8 @@ class MagnitudeDirection(nn.Module):
         self.magnitude = nn.Parameter(torch.empty(cols))
 
     def reset(self, direction_init: str, magnitude_from_norm: bool) -> None:
-        """Initialise V (``kaiming`` uniform as LoRA's A, or ``gaussian`` N(0, 1/rows)) and m (‖V‖_col or 0)."""
+        """Initialise V (``kaiming`` uniform with fan-in ``cols``, as LoRA's A, or ``gaussian`` N(0, 1/rows)) and m
+        (‖V‖_col, so the factor equals V, or 0, so the factor is 0)."""
         with torch.no_grad():
             if direction_init == "gaussian":
                 nn.init.normal_(self.direction, std=1 / self.direction.shape[0])
@@ -82,10 +83,11 @@ class FedDoRALayer(BaseTunerLayer):
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def reset_feddora_parameters(self, adapter_name: str, init_weights: bool | str) -> None:
-        """A = V_A (m_A = ‖V_A‖_col); B = 0 (m_B = 0) unless ``init_weights`` is False."""
+        """One factor zero through its magnitude, the other equal to its direction (see ``FedDoRAConfig``)."""
+        zero = zero_factor(init_weights)
         direction_init = "gaussian" if init_weights == "gaussian" else "kaiming"
-        self.feddora_A[adapter_name].reset(direction_init, magnitude_from_norm=True)
-        self.feddora_B[adapter_name].reset("kaiming", magnitude_from_norm=init_weights is False)
+        self.feddora_A[adapter_name].reset(direction_init, magnitude_from_norm=zero != "A")
+        self.feddora_B[adapter_name].reset("kaiming", magnitude_from_norm=zero != "B")
 
     def _freeze_non_trainable_peft_weights(self, adapter_names: str | list[str] | None = None) -> None:
         """Keep the tensors whose configured role is ``frozen`` out of training, whatever set_adapter enabled."""

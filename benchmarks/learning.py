@@ -1,0 +1,339 @@
+"""Centralized learning curves: PEFT LoRA, PEFT DoRA and FedDoRA variants at equal steps, each at its best lr.
+
+``python -m benchmarks.learning [--preset cpu|gpu] [--data DOLLY.jsonl] [--methods ...] [--lrs ...] [--seeds N]``
+
+Every run fine-tunes SmolLM2-135M-Instruct (r=8, alpha=16 on the attention and MLP projections) on one stream of
+Dolly-15k training rows with AdamW at a constant learning rate (gradients clipped to norm 1, the federated
+engine's default) and scores the response-token loss of a fixed held-out set after the steps in ``eval_steps``
+(step 0 is the untrained model). A run is one (method, lr, seed); the seed sets the adapter initialisation and the
+order of the training rows, the held-out rows are the same for all runs. Methods:
+
+* ``peft-lora``, ``peft-dora``: PEFT's LoRA and DoRA (B = 0 at the start);
+* ``feddora``: FedDoRA with its defaults (``init_weights=True``: m_A = 0, B = V_B);
+* ``feddora/zero_B``: FedDoRA's previous initialisation, m_B = 0 and A = V_A. Only the r entries of m_B get a
+  gradient at the first step, and a column of B has norm m_B[j], which grows by about lr per Adam step, whereas a
+  LoRA B column grows by about lr·√d_out;
+* ``feddora/zero_B+lr-m_B``: ``zero_B`` with m_B at lr·√d_out (LoRA+-style, matched to that growth).
+
+Each method is compared at its own best learning rate of ``--lrs`` (the lowest mean held-out loss over seeds at
+each reported step). Results go to ``<results-dir>/learning-<preset>-<UTC date>.{jsonl,md,png}``; runs already in
+the jsonl are not run again, so an interrupted benchmark continues where it stopped. Presets: ``cpu`` (about 25
+minutes on 2 cores with ``--workers 2``: 96-token sequences, batch 2, 200 steps, 32 held-out rows, 3 seeds, 3 lrs
+per method) and ``gpu`` (256 tokens, batch 8, 500 steps, 128 held-out rows, 5 seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import copy
+import datetime as dt
+import json
+import math
+import multiprocessing
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from matplotlib.figure import Figure
+from peft import LoraConfig, PeftConfig, get_peft_model
+from torch import nn
+from torch.utils.data import DataLoader, RandomSampler
+
+from fedlora.data import CausalLMCollator, load_dolly, tokenize_dataset
+from fedlora.data.partition import sample_indices
+from fedlora.evaluation import evaluate_loss
+from fedlora.models import load_model_and_tokenizer
+from fedlora.tuners.feddora import FedDoRAConfig
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO / "benchmarks" / "results"
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "dolly" / "databricks-dolly-15k.jsonl"
+TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+HELD_OUT_SEED = 1234  # the held-out rows do not depend on a run's seed
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "cpu": {
+        "max_length": 64,
+        "batch_size": 2,
+        "eval_steps": [0, 10, 20, 50, 100, 200],
+        "held_out": 32,
+        "seeds": 3,
+        "max_prompt_chars": 600,
+        "device": "cpu",
+    },
+    "gpu": {
+        "max_length": 256,
+        "batch_size": 8,
+        "eval_steps": [0, 10, 20, 50, 100, 200, 500],
+        "held_out": 128,
+        "seeds": 5,
+        "max_prompt_chars": None,
+        "device": "cuda",
+    },
+}
+
+
+@dataclass(frozen=True)
+class Method:
+    """An adapter config and the learning-rate multiplier of each parameter (1 unless ``lr_scale`` says)."""
+
+    name: str
+    config: Callable[[], PeftConfig]
+    lrs: tuple[float, ...]
+    lr_scale: Callable[[str, nn.Module, nn.Parameter], float] | None = None
+
+
+def _lora(**kwargs: Any) -> Callable[[], PeftConfig]:
+    return lambda: LoraConfig(r=8, lora_alpha=16, target_modules=TARGET_MODULES, task_type="CAUSAL_LM", **kwargs)
+
+
+def _feddora(**kwargs: Any) -> Callable[[], PeftConfig]:
+    return lambda: FedDoRAConfig(r=8, lora_alpha=16, target_modules=TARGET_MODULES, task_type="CAUSAL_LM", **kwargs)
+
+
+def _magnitude_b_lr(name: str, model: nn.Module, param: nn.Parameter) -> float:
+    """√d_out for every m_B (its column of B then grows at a LoRA B column's rate), 1 for everything else."""
+    return math.sqrt(model.get_submodule(name.split(".feddora_B.")[0]).out_features) if _is_m_b(name) else 1.0
+
+
+def _is_m_b(name: str) -> bool:
+    return ".feddora_B." in name and name.endswith(".magnitude")
+
+
+METHODS = {
+    method.name: method
+    for method in (
+        Method("peft-lora", _lora(), (1e-3, 3e-3)),
+        Method("peft-dora", _lora(use_dora=True), (1e-3, 3e-3)),
+        Method("feddora", _feddora(), (3e-4, 1e-3)),
+        Method("feddora/zero_B", _feddora(init_weights="zero_B"), (3e-3, 1e-2)),
+        Method("feddora/zero_B+lr-m_B", _feddora(init_weights="zero_B"), (1e-3, 3e-3), _magnitude_b_lr),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Job:
+    method: str
+    lr: float
+    seed: int
+
+    @property
+    def key(self) -> tuple[str, float, int]:
+        return self.method, self.lr, self.seed
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(args: argparse.Namespace, settings: dict[str, Any]) -> None:
+    """Load the model, tokenizer and data once per worker process."""
+    torch.set_num_threads(args.cpu_threads)
+    model, tokenizer = load_model_and_tokenizer(args.model, device=settings["device"])
+    rows = load_dolly(str(args.data))
+    if settings["max_prompt_chars"]:
+        limit = settings["max_prompt_chars"]
+        rows = rows.filter(lambda row: len(row["instruction"]) + len(row["context"]) <= limit)
+    held = set(sample_indices(len(rows), settings["held_out"], HELD_OUT_SEED))
+    held_out = rows.select(sorted(held))
+    train = rows.select([i for i in range(len(rows)) if i not in held])
+    _WORKER.update(
+        model=model.requires_grad_(False),
+        tokenizer=tokenizer,
+        held_out=tokenize_dataset(held_out, tokenizer, settings["max_length"]),
+        train=tokenize_dataset(train, tokenizer, settings["max_length"]),
+        settings=settings,
+    )
+
+
+def run_job(job: Job) -> dict[str, Any]:
+    """Train one (method, lr, seed) and return its row with the held-out loss after each of ``eval_steps``."""
+    started = time.perf_counter()
+    method, settings = METHODS[job.method], _WORKER["settings"]
+    torch.manual_seed(job.seed)
+    model = get_peft_model(copy.deepcopy(_WORKER["model"]), method.config())
+    groups: dict[float, list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            scale = method.lr_scale(name, model, param) if method.lr_scale else 1.0
+            groups.setdefault(job.lr * scale, []).append(param)
+    params = [p for group in groups.values() for p in group]
+    optimizer = torch.optim.AdamW([{"params": g, "lr": lr} for lr, g in groups.items()], weight_decay=0.0)
+    pad = _WORKER["tokenizer"].pad_token_id
+    loader = DataLoader(
+        _WORKER["train"].select_columns(["input_ids", "labels"]),
+        batch_size=settings["batch_size"],
+        sampler=RandomSampler(_WORKER["train"], generator=torch.Generator().manual_seed(job.seed)),
+        collate_fn=CausalLMCollator(pad),
+    )
+    device = settings["device"]
+    curve, train_losses, batches = {}, [], iter(loader)
+    for step in range(max(settings["eval_steps"]) + 1):
+        if step in settings["eval_steps"]:
+            curve[step] = evaluate_loss(model, _WORKER["held_out"], pad, batch_size=8)["loss"]
+            model.train()
+        if step == max(settings["eval_steps"]):
+            break
+        batch = {k: v.to(device) for k, v in next(batches).items()}
+        loss = model(**batch).loss
+        loss.backward()
+        nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        train_losses.append(loss.item())
+    return {
+        "method": job.method,
+        "lr": job.lr,
+        "seed": job.seed,
+        "curve": {str(step): loss for step, loss in curve.items()},
+        "final_train_loss": statistics.fmean(train_losses[-10:]),
+        "wall_s": round(time.perf_counter() - started, 1),
+    }
+
+
+def summarize(rows: Sequence[dict[str, Any]], steps: Sequence[int]) -> dict[str, dict[int, dict[str, float]]]:
+    """For every method and step, the lr with the lowest mean held-out loss over seeds, with mean, std and n (among
+    the lrs run on the most seeds)."""
+    by_method: dict[str, dict[float, list[dict[str, Any]]]] = {}
+    for row in rows:
+        by_method.setdefault(row["method"], {}).setdefault(row["lr"], []).append(row)
+    summary: dict[str, dict[int, dict[str, float]]] = {}
+    for method, by_lr in by_method.items():
+        summary[method] = {}
+        seeds = max(len(runs) for runs in by_lr.values())  # lrs tried on fewer seeds (a first sweep) do not compete
+        for step in steps:
+            stats = []
+            for lr, runs in by_lr.items():
+                if len(runs) < seeds:
+                    continue
+                losses = [run["curve"][str(step)] for run in runs if str(step) in run["curve"]]
+                if losses:
+                    std = statistics.stdev(losses) if len(losses) > 1 else 0.0
+                    stats.append({"lr": lr, "mean": statistics.fmean(losses), "std": std, "n": len(losses)})
+            if stats:
+                summary[method][step] = min(stats, key=lambda s: s["mean"])
+    return summary
+
+
+def write_report(rows: Sequence[dict[str, Any]], steps: Sequence[int], path: Path, header: str) -> None:
+    """The markdown table (each method at its best lr per step, then every lr at the last step) and the plot."""
+    summary = summarize(rows, steps)
+    lines = [header, "", "| method | " + " | ".join(f"step {s}" for s in steps) + " |"]
+    lines.append("|---|" + "---|" * len(steps))
+    for method, per_step in summary.items():
+        cells = [f"{per_step[s]['mean']:.4f} ± {per_step[s]['std']:.4f} (lr {per_step[s]['lr']:g})" for s in steps]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines += ["", "Each cell: mean ± std over seeds of the held-out loss at the lr that is best at that step.", ""]
+    lines += ["Every learning rate, mean ± std over seeds:", "", "| method | lr | seeds | "]
+    lines[-1] += " | ".join(f"step {s}" for s in steps) + " |"
+    lines.append("|---|---|---|" + "---|" * len(steps))
+    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["method"], row["lr"]), []).append(row)
+    for (method, lr), runs in groups.items():
+        cells = []
+        for s in steps:
+            losses = [run["curve"][str(s)] for run in runs]
+            std = statistics.stdev(losses) if len(losses) > 1 else 0.0
+            cells.append(f"{statistics.fmean(losses):.4f} ± {std:.4f}")
+        lines.append(f"| {method} | {lr:g} | {len(runs)} | " + " | ".join(cells) + " |")
+    path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+    figure = Figure(figsize=(7, 4.5))
+    axes = figure.subplots()
+    for method, per_step in summary.items():
+        final_lr = per_step[steps[-1]]["lr"]
+        runs = groups[(method, final_lr)]
+        means = [statistics.fmean(run["curve"][str(s)] for run in runs) for s in steps]
+        stds = [statistics.stdev([run["curve"][str(s)] for run in runs]) if len(runs) > 1 else 0.0 for s in steps]
+        axes.plot(steps, means, marker="o", label=f"{method} (lr {final_lr:g})")
+        low, high = [m - d for m, d in zip(means, stds, strict=True)], [m + d for m, d in zip(means, stds, strict=True)]
+        axes.fill_between(steps, low, high, alpha=0.2)
+    axes.set_xscale("symlog", linthresh=10)
+    axes.set_xlabel("optimizer steps")
+    axes.set_ylabel("held-out loss (response tokens)")
+    axes.set_title("Centralized fine-tuning, mean ± std over seeds, each at its best final lr")
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path.with_suffix(".png"), dpi=120)
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.learning", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="Dolly-15k .jsonl")
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=list(METHODS))
+    parser.add_argument("--lrs", nargs="+", type=float, help="learning rates for every method (default: each its own)")
+    parser.add_argument("--seeds", type=int, help="number of seeds (default: the preset's)")
+    parser.add_argument("--steps", nargs="+", type=int, help="evaluation steps (default: the preset's)")
+    parser.add_argument("--workers", type=int, default=2, help="processes running jobs in parallel")
+    parser.add_argument("--cpu-threads", type=int, default=1, help="torch threads per worker")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--name", help="results file stem (default: learning-<preset>-<UTC date>)")
+    args = parser.parse_args(argv)
+    if not args.data.is_file():
+        parser.error(f"--data {args.data}: no such file (Dolly-15k .jsonl)")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    settings = dict(PRESETS[args.preset])
+    if args.steps:
+        settings["eval_steps"] = sorted(set([0, *args.steps]))
+    seeds = args.seeds or settings["seeds"]
+    stem = args.name or f"learning-{args.preset}-{dt.datetime.now(dt.timezone.utc):%Y%m%d}"
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    path = args.results_dir / f"{stem}.jsonl"
+    done = {(row["method"], row["lr"], row["seed"]) for row in _read_rows(path)}
+    jobs = [
+        Job(name, lr, seed)
+        for seed in range(seeds)
+        for name in args.methods
+        for lr in (args.lrs or METHODS[name].lrs)
+        if (name, lr, seed) not in done
+    ]
+    provenance = {
+        "preset": args.preset,
+        "settings": settings,
+        "model": args.model,
+        "command": " ".join(["python -m benchmarks.learning", *(argv if argv is not None else sys.argv[1:])]),
+        "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "torch": torch.__version__,
+    }
+    print(f"{len(jobs)} runs ({len(done)} already in {path})", flush=True)
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(
+        args.workers, mp_context=context, initializer=_init_worker, initargs=(args, settings)
+    ) as pool:
+        for row in pool.map(run_job, jobs):
+            row.update(provenance, date=f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%dT%H:%M:%SZ}")
+            with path.open("a") as file:
+                file.write(json.dumps(row) + "\n")
+            curve = " ".join(f"{s}:{v:.3f}" for s, v in row["curve"].items())
+            print(f"{row['method']} lr={row['lr']:g} seed={row['seed']} {row['wall_s']}s  {curve}", flush=True)
+    rows = [row for row in _read_rows(path) if row["settings"]["eval_steps"] == settings["eval_steps"]]
+    header = (
+        f"# Learning benchmark, preset {args.preset}: {args.model}, r=8, alpha=16 on {', '.join(TARGET_MODULES)}, "
+        f"AdamW, batch {settings['batch_size']}, {settings['max_length']} tokens, held-out loss on "
+        f"{settings['held_out']} Dolly rows; {provenance['machine']}, torch {provenance['torch']}"
+    )
+    write_report(rows, settings["eval_steps"], path, header)
+    print(path.with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    main()
