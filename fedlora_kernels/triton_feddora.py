@@ -61,8 +61,10 @@ class KernelConfig:
     block_n: int = 64
     """Out-feature tile of the forward (y, base, V_B). 64, not 128: compiled for sm_90 (bf16, r=16, 32-row tiles,
     4 warps), 128 took 72 registers and spilled 24 bytes; 64 takes 60 and does not spill (sm_80: 144 → 96)."""
-    block_n_grad: int = 256
-    """Out-feature tile of the backward's pass over dy (dy, dB)."""
+    block_n_grad: int = 128
+    """Out-feature tile of the backward's pass over dy (dy, dB). 128, not 256: compiled for sm_90 (bf16, r=16,
+    8 warps, 3 stages), 256 took 116-120 KB of shared memory, one CTA per SM, so the split over tokens (two programs
+    per SM) ran in two waves; 128 takes 60-64 KB and 35-63 registers: 3 CTAs per SM (sm_80: 2)."""
     block_m_grad_input: int = 32
     """Token-row tile of the backward's pass over x (dx, dA). 32, not 64: compiled for sm_90 (bf16, r=16, dx and
     dA, 8 warps; benchmarks/compile_check.py), 64 rows took 148 registers (210 with dropout), so one CTA per SM and

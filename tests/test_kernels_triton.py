@@ -190,6 +190,23 @@ def test_matches_float64_reference_default_tiles(case: Case, dtype: torch.dtype)
     _check(case, dtype)
 
 
+@pytest.mark.skipif(
+    not ON_CUDA or torch.cuda.get_device_properties(0).total_memory < 24 * 2**30, reason="needs a GPU with 24 GB"
+)
+def test_offsets_past_int32() -> None:
+    """Column-major x with k·N > 2³¹ elements: x[i, j] sits at j·N + i, past int32 for the last columns."""
+    n, k, d, r = 600_000, 4096, 64, 4
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    x = torch.randn((k, n), device=DEVICE, dtype=torch.bfloat16, generator=gen).t()  # (n, k), strides (1, n)
+    values = _problem(Case((1,), k=k, d=d, r=r, base=False))
+    params = [values[name].to(DEVICE, torch.bfloat16) for name in GRAD_NAMES[1:5]]
+    y = feddora_lora_triton(x, *params, SCALING)
+    rows = x[n - 8 :]
+    y_t = feddora_lora_reference(rows, *params, SCALING)
+    y_64 = feddora_lora_reference(rows.double(), *(p.double() for p in params), SCALING)
+    assert_within_reference_error(y[n - 8 :], y_t, y_64, "output")
+
+
 @pytest.mark.usefixtures("small_tiles")
 def test_base_out_in_another_dtype() -> None:
     """float32 adapter (x cast to it by the layer) on a bfloat16 base output: the result is bfloat16."""
