@@ -168,7 +168,8 @@ def _stand_in(target: Target, hook=None):
         driver._active = None  # back to the default driver, created lazily (and never, off a GPU)
 
 
-def _run_point(kernels, point: Point) -> None:
+def _run_point(kernels, point: Point, device: str = "meta") -> None:
+    """Forward and backward of the op at ``point``: on meta tensors (capture), or on random ones on ``device``."""
     import torch
 
     dtype = {"fp32": torch.float32, "fp32-tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -177,7 +178,8 @@ def _run_point(kernels, point: Point) -> None:
     w_grad = point.grads in ("dA", "both")
 
     def empty(*shape, grad=False):
-        return torch.empty(shape, device="meta", dtype=dt, requires_grad=grad)
+        make = torch.empty if device == "meta" else torch.randn
+        return make(shape, device=device, dtype=dt).requires_grad_(grad)
 
     x = empty(point.tokens, point.k, grad=x_grad)
     params = [empty(point.r, point.k, grad=w_grad), empty(point.k, grad=w_grad)]
@@ -187,7 +189,7 @@ def _run_point(kernels, point: Point) -> None:
     torch.set_float32_matmul_precision("high" if point.dtype == "fp32-tf32" else "highest")
     try:
         y = kernels.feddora_lora_triton(x, *params, 2.0, 0.1 if point.dropout else 0.0, base)
-        y.backward(torch.empty_like(y))
+        y.backward(torch.empty_like(y) if device == "meta" else torch.randn_like(y))
     finally:
         torch.set_float32_matmul_precision(precision)
 
@@ -330,6 +332,37 @@ def _compile_task(target: Target, name: str, spec: str) -> dict:
     return compile_variant(target, name, spec)
 
 
+def device_check(points: list[Point]) -> list[dict]:
+    """On a CUDA GPU: the op runs for real at ``points``; for every kernel variant it launched, the registers and
+    spills the driver reports next to what the stand-in capture and compile predict for this GPU (same variant key
+    expected: the capture sees what a launch sees; same registers expected: same compiler)."""
+    import torch
+
+    kernels = _import_kernels()
+    major, minor = torch.cuda.get_device_capability()
+    props = torch.cuda.get_device_properties(0)
+    target = Target(f"sm_{major}{minor}", major * 10 + minor, props.multi_processor_count, 0)
+    predicted = {json.dumps(json.loads(spec)["key"]): (name, spec) for name, spec in capture(target, points)}
+    for point in points:
+        _run_point(kernels, point, "cuda")
+    torch.cuda.synchronize()
+    rows = []
+    device = torch.cuda.current_device()
+    for name in sorted({name for name, _ in predicted.values()}):
+        kernel_cache = getattr(kernels, name).device_caches[device][0]
+        for key, kernel in kernel_cache.items():
+            kernel._init_handles()
+            row = {"device": props.name, "kernel": name, "registers": kernel.n_regs, "spills": kernel.n_spills}
+            match = predicted.pop(json.dumps(key), None)
+            row["captured"] = match is not None
+            if match is not None:
+                stand_in = compile_variant(target, *match)
+                row.update(predicted_registers=stand_in.get("registers"), predicted_error=stand_in.get("error"))
+            rows.append(row)
+    rows += [{"device": props.name, "kernel": name, "launched": False} for name, _ in predicted.values()]
+    return rows
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Driver: capture and compile in worker processes, write the table
 # --------------------------------------------------------------------------------------------------------------------
@@ -452,8 +485,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="directory for compile-check.{jsonl,md}")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
     parser.add_argument("--quick", action="store_true", help="a small grid (fp32/bf16, 4096², r 16/64)")
+    parser.add_argument(
+        "--on-device",
+        action="store_true",
+        help="on a CUDA GPU: compare the variants real launches compile (and their registers) with the capture's "
+        "(writes compile-check-device.jsonl; the --quick grid)",
+    )
     args = parser.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)  # the workers must see JIT functions, not the interpreter
+    if args.on_device:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("compile_check --on-device: no CUDA device is visible")
+        rows = device_check(grid(quick=True))
+        args.out.mkdir(parents=True, exist_ok=True)
+        with open(args.out / f"{STEM}-device.jsonl", "w") as out:
+            out.writelines(json.dumps(row) + "\n" for row in rows)
+        bad = [
+            row
+            for row in rows
+            if not row.get("captured")
+            or row.get("predicted_error")
+            or row["registers"] != row.get("predicted_registers")
+        ]
+        for row in bad:
+            print("MISMATCH", row)
+        print(f"{len(rows)} launched variants, {len(bad)} not as captured; wrote {args.out / STEM}-device.jsonl")
+        return int(bool(bad))
     start = time.perf_counter()
     points = grid(args.quick)
     rows = run(points, max(1, args.jobs))

@@ -1,9 +1,13 @@
 """One command for a machine with an NVIDIA GPU: ``python -m benchmarks.gpu_check [OUT_DIR]`` (from the repo root).
 
 1. Correctness on CUDA: the kernel tests (tests/test_kernels_triton.py, tests/test_native.py: fp32/fp16/bf16,
-   output and all gradients against the float64 reference under tests/numerics.py's rule, ragged shapes) and the
-   tuner tests with ``FEDLORA_BACKEND=triton``.
-2. Timing: ``benchmarks.kernels --preset targets --end-to-end`` (the issue's target rows: base, PEFT LoRA/DoRA, the
+   output and all gradients against the float64 reference under tests/numerics.py's rule, ragged shapes, dropout +
+   backward at k % 16 == 0, offsets past int32) and the tuner tests with ``FEDLORA_BACKEND=triton``; each pytest
+   run's output and JUnit XML go to ``OUT_DIR/gpu-check-<device>-<date>-<name>.{log,xml}``.
+2. The compile check against the hardware (``benchmarks.compile_check --on-device``): the kernel variants real
+   launches compile, and their registers as the driver reports them, next to what the CPU-side stand-in capture
+   predicts (``compile-check-device.jsonl``; a mismatch fails the check).
+3. Timing: ``benchmarks.kernels --preset targets --end-to-end`` (the issue's target rows: base, PEFT LoRA/DoRA, the
    reference, torch.compile, Triton, native; bf16, r=16) and the small-token crossover between the Triton and
    native backends at 4096→4096 (which sets ``backend.TRITON_MIN_TOKENS``).
 
@@ -13,7 +17,9 @@ line (no traceback) on a machine without CUDA.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,10 +32,24 @@ REPO = Path(__file__).resolve().parents[1]
 CROSSOVER_TOKENS = "1,16,64,128,256,1024"
 
 
-def _pytest(*paths: str, **env: str) -> int:
-    """Exit code of pytest on ``paths`` in a fresh process (so TRITON_INTERPRET and backend env vars are clean)."""
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *paths]
-    return subprocess.run(command, cwd=REPO, env={**os.environ, **env}).returncode
+def _run(command: list[str], log: Path | None = None, **env: str) -> int:
+    """Exit code of ``command`` in a fresh process (so TRITON_INTERPRET and backend env vars are clean), its output
+    echoed and, with ``log``, also written there."""
+    proc = subprocess.Popen(
+        command, cwd=REPO, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    with open(log, "w") if log else open(os.devnull, "w") as sink:
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            sink.write(line)
+    return proc.wait()
+
+
+def _pytest(out: Path, tag: str, name: str, *paths: str, **env: str) -> int:
+    """Exit code of pytest on ``paths``; its output and JUnit XML in ``out/<tag>-<name>.{log,xml}``."""
+    junit = f"--junitxml={out / f'{tag}-{name}.xml'}"
+    command = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", junit, *paths]
+    return _run(command, out / f"{tag}-{name}.log", **env)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,9 +60,15 @@ def main(argv: list[str] | None = None) -> int:
         )
     out = Path(argv[0]) if argv else REPO / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    print(f"== correctness on {torch.cuda.get_device_name()}", flush=True)
-    failures = _pytest("tests/test_kernels_triton.py", "tests/test_native.py")
-    failures |= _pytest("tests/test_tuner.py", FEDLORA_BACKEND="triton")
+    device = torch.cuda.get_device_name()
+    slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
+    tag = f"gpu-check-{slug}-{dt.datetime.now(dt.timezone.utc):%Y%m%d}"
+    print(f"== correctness on {device}", flush=True)
+    failures = _pytest(out, tag, "kernels", "tests/test_kernels_triton.py", "tests/test_native.py")
+    failures |= _pytest(out, tag, "tuner-triton", "tests/test_tuner.py", FEDLORA_BACKEND="triton")
+    print("== compile check against the hardware", flush=True)
+    command = [sys.executable, "-m", "benchmarks.compile_check", "--on-device", "--out", str(out)]
+    failures |= _run(command, out / f"{tag}-compile-check.log")
     print("== timing: target rows", flush=True)
     kernels.main(["--preset", "targets", "--end-to-end", "--budget-s", "300", "--out", str(out)])
     print("== timing: small-token crossover, Triton vs native", flush=True)
