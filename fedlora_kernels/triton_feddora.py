@@ -431,8 +431,8 @@ def _grad_input_kernel(
             # accumulator's), and converting between them goes through shared memory, which Triton cannot do for
             # 1-bit elements. Compiling for sm_80/sm_90 (benchmarks/compile_check.py) failed for every fp16/bf16 and
             # TF32 variant with k % 16 == 0 (Triton 3.9: "shared-memory element type bit width must be a multiple of
-            # 8; got 1"; 3.6: an assertion in ConvertTritonGPUToLLVM). Like torch's dropout, a dropped inf/NaN of x
-            # gives NaN here (in dA only; the forward selects).
+            # 8; got 1"; 3.6: an assertion in ConvertTritonGPUToLLVM). As in torch's dropout (x · mask), a dropped inf/NaN
+            # of x gives NaN, here and in the forward.
             # (16 bits suffice for 0/1; the interpreter's bf16 products are wrong, it uses fp32)
             keep = _keep(seed, rows64, pid_k * BLOCK_K, n_in, dropout_p, BLOCK_K, tl.float32 if FP32_DOT else dtype)
         if COMPUTE_DA:
