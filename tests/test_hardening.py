@@ -23,6 +23,7 @@ import fedlora.federated.paths
 from fedlora.cli import main
 from fedlora.federated.paths import PathGuard, UnsafePathError, client_dir_name, client_dir_names
 from fedlora.federated.storage import RunDir
+from fedlora.files import missing_file_error
 from tests.test_bad_inputs import files
 from tests.tiny import save_tiny_model
 
@@ -402,5 +403,29 @@ def test_the_fedlora_command_prints_no_traceback(tmp_path):
     command = [sys.executable, "-m", "fedlora.cli", "train", "--seed", "-1", "--output-dir", str(tmp_path / "run")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
-    assert result.stderr.strip() == "fedlora: error: --seed: seed must be in [0, 2**63); got -1", result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "fedlora: error: --seed: seed must be in [0, 2**63); got -1"
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.bad_input
+def test_eval_on_a_device_that_does_not_exist(finished_run, capsys):
+    before = files(finished_run)
+    err = fails(["eval", "--run-dir", str(finished_run), "--no-progress", "--device", "banana"], capsys)
+    assert "device (--device) 'banana' is not a device torch knows" in err
+    assert files(finished_run) == before
+
+
+def test_missing_file_errors_say_what_the_path_is(tmp_path):
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    (tmp_path / "dangling").symlink_to(tmp_path / "absent")
+    expected = {
+        "absent": (FileNotFoundError, "not found"),
+        "dir": (IsADirectoryError, "is a directory, not a file"),
+        "loop": (OSError, "is a symbolic link loop, not a file"),
+        "dangling": (FileNotFoundError, f"is a link to {tmp_path / 'absent'}, which does not exist"),
+    }
+    for name, (kind, message) in expected.items():
+        error = missing_file_error(tmp_path / name, "data file")
+        assert isinstance(error, kind) and str(error) == f"data file {tmp_path / name} {message}"
