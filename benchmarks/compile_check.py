@@ -76,10 +76,14 @@ class Point:
     d: int
     r: int
     tokens: int
+    op: str = "lora"
+    """``lora``: :func:`feddora_lora_triton` (base output given); ``linear-cublas`` / ``linear-triton``:
+    :func:`~fedlora_kernels.triton_feddora_linear.feddora_linear_triton` with that ``base_gemm`` (owns W₀ and b)."""
 
     def __str__(self) -> str:
         drop = "p0.1" if self.dropout else "p0"
-        return f"{self.dtype}-{drop}-{self.grads}-N{self.tokens}-k{self.k}-d{self.d}-r{self.r}"
+        op = "" if self.op == "lora" else f"{self.op}-"
+        return f"{op}{self.dtype}-{drop}-{self.grads}-N{self.tokens}-k{self.k}-d{self.d}-r{self.r}"
 
 
 def grid(quick: bool = False) -> list[Point]:
@@ -89,7 +93,8 @@ def grid(quick: bool = False) -> list[Point]:
     * fp16 and fp32: dropout × gradients × r in {16, 64} there (r 1 and 8 only change the rank's specialisation);
     * every (k, d) pair at r=16, both gradients, dropout on, bf16 and fp32 (tiles of the per-column kernels, splits);
     * a ragged 1000-token batch (no divisibility specialisation of the row counts): bf16, dropout × gradients;
-    * fp32 with TF32 dots (``torch.set_float32_matmul_precision("high")``): r=16, both gradients, dropout on/off.
+    * fp32 with TF32 dots (``torch.set_float32_matmul_precision("high")``): r=16, both gradients, dropout on/off;
+    * the fused linear op (``linear-cublas``, ``linear-triton``): bf16/fp16/fp32, r=16, dropout on/off; bf16 r=64.
 
     ``quick``: bf16 and fp32 at 4096→4096, r 16 and 64 (a fast local loop).
     """
@@ -107,6 +112,10 @@ def grid(quick: bool = False) -> list[Point]:
     points += [Point(dtype, True, "both", k, d, 16, 8192) for dtype, (k, d) in product(("bf16", "fp32"), SHAPES)]
     points += [Point("bf16", p, g, 4096, 11008, 16, 1000) for p, g in product(drops, GRADS)]
     points += [Point("fp32-tf32", p, "both", 4096, 11008, 16, 8192) for p in drops]
+    # The fused linear op (base weight owned by the op), both base-GEMM modes.
+    for op, dtype, p in product(("linear-cublas", "linear-triton"), ("bf16", "fp16", "fp32"), drops):
+        points.append(Point(dtype, p, "both", 4096, 11008, 16, 8192, op))
+    points += [Point("bf16", True, g, 4096, 11008, 64, 8192, "linear-triton") for g in ("dx", "both")]
     return list(dict.fromkeys(points))
 
 
@@ -144,9 +153,17 @@ class _StandInDriver:
 def _import_kernels():
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("compile_check needs TRITON_INTERPRET unset (the interpreter replaces the JIT functions)")
-    from fedlora_kernels import triton_feddora
+    from fedlora_kernels import triton_feddora, triton_feddora_linear  # noqa: F401  (the second registers its kernel)
 
     return triton_feddora
+
+
+def _kernel(qualified: str):
+    """The JIT function ``module:name``."""
+    import importlib
+
+    module, name = qualified.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 @contextlib.contextmanager
@@ -187,8 +204,15 @@ def _run_point(kernels, point: Point, device: str = "meta") -> None:
     base = empty(point.tokens, point.d)
     precision = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high" if point.dtype == "fp32-tf32" else "highest")
+    p = 0.1 if point.dropout else 0.0
     try:
-        y = kernels.feddora_lora_triton(x, *params, 2.0, 0.1 if point.dropout else 0.0, base)
+        if point.op == "lora":
+            y = kernels.feddora_lora_triton(x, *params, 2.0, p, base)
+        else:
+            from fedlora_kernels.triton_feddora_linear import feddora_linear_triton
+
+            weight, bias = empty(point.d, point.k), empty(point.d)
+            y = feddora_linear_triton(x, weight, bias, *params, 2.0, p, base_gemm=point.op.removeprefix("linear-"))
         y.backward(torch.empty_like(y) if device == "meta" else torch.randn_like(y))
     finally:
         torch.set_float32_matmul_precision(precision)
@@ -200,7 +224,8 @@ def capture(target: Target, points: list[Point]) -> dict[tuple[str, str], list[P
     current: list[Point | str] = [""]
 
     def hook(*, fn, compile, **_):
-        found.setdefault((fn.name, compile["specialization_data"]), []).append(current[0])
+        qualified = f"{fn.jit_function.fn.__module__}:{fn.name}"
+        found.setdefault((qualified, compile["specialization_data"]), []).append(current[0])
         return True  # do not compile, do not launch
 
     with _stand_in(target, hook) as kernels:
@@ -285,8 +310,9 @@ def compile_variant(target: Target, name: str, spec: str) -> dict:
     from triton import knobs
 
     spec_data = json.loads(spec)
-    with _stand_in(target) as kernels:
-        fn = getattr(kernels, name)
+    with _stand_in(target):
+        fn = _kernel(name)
+        name = name.split(":")[1]
         params = [p.name for p in fn.params]
         keys, values = spec_data["constant_keys"], spec_data["constant_vals"]
         constexprs = {params[key[0]]: value for key, value in zip(keys, values, strict=True)}
@@ -349,7 +375,7 @@ def device_check(points: list[Point]) -> list[dict]:
     rows = []
     device = torch.cuda.current_device()
     for name in sorted({name for name, _ in predicted.values()}):
-        kernel_cache = getattr(kernels, name).device_caches[device][0]
+        kernel_cache = _kernel(name).device_caches[device][0]
         for key, kernel in kernel_cache.items():
             kernel._init_handles()
             row = {"device": props.name, "kernel": name, "registers": kernel.n_regs, "spills": kernel.n_spills}
@@ -404,12 +430,12 @@ def run(points: list[Point], jobs: int) -> list[dict]:
             raise RuntimeError(f"capturing the launches for {target.name} crashed: {found}")
         for name, spec, users in found:
             variants.setdefault((target, name, spec), []).extend(users)
-    compile_tasks = sorted(variants, key=lambda v: (v[1] != "_grad_input_kernel", v[0].name, v[1]))
+    compile_tasks = sorted(variants, key=lambda v: (not v[1].endswith(":_grad_input_kernel"), v[0].name, v[1]))
     rows = []
     for task, row in zip(compile_tasks, _map(jobs, _compile_task, compile_tasks), strict=True):
         target, name, spec = task
         if isinstance(row, BaseException):
-            row = {"target": target.name, "kernel": name, "key": json.loads(spec)["key"], "error": f"crash: {row}"}
+            row = {"target": target.name, "kernel": name.split(":")[1], "error": f"crash: {row}"}
         users = variants[task]
         row["dtype"] = users[0].dtype if isinstance(users[0], Point) else "-"
         row["points"] = len(users)

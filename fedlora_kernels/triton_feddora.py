@@ -71,6 +71,11 @@ class KernelConfig:
     3 waves of 132/132/24 programs at N=8192, 4096²; 32 rows take 66 (86 with dropout): 2-3 CTAs per SM. Estimated
     from registers and shared memory, not timed (no GPU yet)."""
     num_warps_grad_input: int = 8
+    gemm_block_m: int = 64
+    """Token-row tile of the fused linear op's Triton GEMM (:mod:`fedlora_kernels.triton_feddora_linear`)."""
+    gemm_block_n: int = 128
+    gemm_block_k: int = 64
+    num_warps_gemm: int = 8
     max_acc_elements: int = 4096
     """Largest fp32 accumulator tile (rows × padded rank)."""
     fp32_tile: int = 32
@@ -383,6 +388,7 @@ def _grad_input_kernel(
     dropout_p,
     rows_per_program,
     COMPUTE_DX: tl.constexpr,
+    ACCUMULATE_DX: tl.constexpr,
     COMPUTE_DA: tl.constexpr,
     DROPOUT: tl.constexpr,
     FP32_DOT: tl.constexpr,
@@ -445,7 +451,10 @@ def _grad_input_kernel(
             dx = _mma(w, a, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), FP32_DOT, PRECISION)
             if DROPOUT:
                 dx = dx * keep.to(tl.float32)
-            tl.store(dx_ptr + rows64[:, None] * n_in + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            dx_tile = dx_ptr + rows64[:, None] * n_in + cols[None, :]
+            if ACCUMULATE_DX:  # dx += the base's dx, already in dx_ptr (saves autograd's separate add)
+                dx += tl.load(dx_tile, mask=mask, other=0.0).to(tl.float32)
+            tl.store(dx_tile, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
     if COMPUTE_DA:
         mask = rank_ok[:, None] & col_ok[None, :]
@@ -673,8 +682,10 @@ def _forward_pass(
     scaling: float,
     dropout_p: float,
     mode: _DotMode,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, u): y = base + s u Bᵀ in base's dtype (x's without base) and u = q (M⊙x) Aᵀ in fp32, from one read of x.
+    compute_y: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(y, u): y = base + s u Bᵀ in base's dtype (x's without base) and u = q (M⊙x) Aᵀ in fp32, from one read of x;
+    without ``compute_y``, u alone (y is None).
 
     Row tiles shrink until every SM has one; when the token count still leaves SMs idle, the out-features are split
     over programs too (each recomputes u for its rows, which costs little because x is then small).
@@ -682,8 +693,10 @@ def _forward_pass(
     n_rows, n_in = x.shape
     n_out, rank = direction_b.shape
     out_dtype = x.dtype if base_out is None else base_out.dtype
-    y = torch.empty((n_rows, n_out), device=x.device, dtype=out_dtype)
     u = torch.empty((n_rows, rank), device=x.device, dtype=torch.float32)
+    if not compute_y:
+        n_out = 0  # the kernel's y loop is then empty
+    y = torch.empty((n_rows, n_out), device=x.device, dtype=out_dtype)
     block_r = max(16, triton.next_power_of_2(rank))
     block_n = _tile(CONFIG.block_n, block_r, x.dtype)
     block_m = _tile(CONFIG.block_m, block_r, x.dtype)
@@ -693,7 +706,7 @@ def _forward_pass(
     row_tiles = triton.cdiv(n_rows, block_m)
     out_splits = max(1, min(sms // row_tiles, triton.cdiv(n_out, block_n)))
     outs_per_program = _split(n_out, out_splits, block_n)
-    grid = (row_tiles, triton.cdiv(n_out, outs_per_program))
+    grid = (row_tiles, triton.cdiv(n_out, outs_per_program) if n_out else 1)
     _forward_kernel[grid](
         x,
         direction_a,
@@ -731,7 +744,7 @@ def _forward_pass(
         num_warps=CONFIG.num_warps,
         num_stages=CONFIG.num_stages,
     )
-    return y, u
+    return (y if compute_y else None), u
 
 
 def _grad_output_pass(
@@ -808,8 +821,11 @@ def _grad_input_pass(
     need_dx: bool,
     need_da: bool,
     mode: _DotMode,
+    dx_into: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """dx = M ⊙ (w A) and the split partials of dA = wᵀ(M⊙x) and of its column dots with V_A, from one read of x."""
+    """dx = M ⊙ (w A) and the split partials of dA = wᵀ(M⊙x) and of its column dots with V_A, from one read of x.
+
+    With ``dx_into`` (contiguous N×k, x's dtype), dx is added to it in place and it is returned as dx."""
     n_rows, n_in = x.shape
     rank = direction_a.shape[0]
     block_r = max(16, triton.next_power_of_2(rank))
@@ -819,7 +835,9 @@ def _grad_input_pass(
     row_groups = max(1, CONFIG.programs_per_sm * _sm_count(x.device) // col_tiles) if need_da else n_rows
     rows_per_program = _split(n_rows, row_groups, block_m)
     grid = (triton.cdiv(n_rows, rows_per_program), col_tiles)
-    dx = torch.empty((n_rows, n_in), device=x.device, dtype=x.dtype) if need_dx else None
+    dx = None
+    if need_dx:
+        dx = torch.empty((n_rows, n_in), device=x.device, dtype=x.dtype) if dx_into is None else dx_into
     da = da_dot = None
     if need_da:
         da = torch.empty((grid[0], rank, n_in), device=x.device, dtype=torch.float32)
@@ -845,6 +863,7 @@ def _grad_input_pass(
         dropout_p,
         rows_per_program,
         COMPUTE_DX=need_dx,
+        ACCUMULATE_DX=dx_into is not None,
         COMPUTE_DA=need_da,
         DROPOUT=seed is not None,
         FP32_DOT=mode.fp32_dot,

@@ -20,7 +20,7 @@ import pytest
 pytest.importorskip("triton")
 
 REPO = Path(__file__).resolve().parents[1]
-KERNELS = REPO / "fedlora_kernels" / "triton_feddora.py"
+KERNEL_FILES = ("triton_feddora.py", "triton_feddora_linear.py")
 
 
 def test_every_launched_variant_compiles_for_hopper_and_ampere(tmp_path: Path) -> None:
@@ -40,7 +40,8 @@ def test_every_launched_variant_compiles_for_hopper_and_ampere(tmp_path: Path) -
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
 
     # Every kernel the module defines was launched by the captured calls, on both targets.
-    defined = set(re.findall(r"@triton\.jit\s*\ndef (\w+_kernel)\(", KERNELS.read_text()))
+    sources = "".join((REPO / "fedlora_kernels" / name).read_text() for name in KERNEL_FILES)
+    defined = set(re.findall(r"@triton\.jit\s*\ndef (\w+_kernel)\(", sources))
     for target in ("sm_90", "sm_80"):
         compiled = {row["kernel"] for row in rows if row["target"] == target}
         assert defined <= compiled, f"{target}: never launched: {sorted(defined - compiled)}"
