@@ -78,6 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.run_dir_known = None  # train: the run directory, once the settings name it (for the advice on Ctrl-C)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.debug:
+        logging.getLogger("fedlora").setLevel(logging.DEBUG)  # also the traceback of a client that fails
     try:
         if args.command == "train":
             return _train(args)

@@ -8,6 +8,7 @@ checks the run directory and a sandbox around it afterwards.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -21,6 +22,7 @@ import torch
 import fedlora.cli
 import fedlora.federated.paths
 from fedlora.cli import main
+from fedlora.federated.client import ClientApp
 from fedlora.federated.paths import PathGuard, UnsafePathError, client_dir_name, client_dir_names
 from fedlora.federated.storage import RunDir
 from fedlora.files import missing_file_error
@@ -395,6 +397,31 @@ def test_an_unexpected_error_has_a_traceback_only_with_debug(model_dir, sandbox,
     assert "fedlora: error: unexpected TypeError: something fedlora did not expect (this is a bug" in err
     with pytest.raises(TypeError, match="something fedlora did not expect"):
         main([*argv, "--debug"])
+    logging.getLogger("fedlora").setLevel(logging.NOTSET)  # --debug set it for this process
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("debug", [False, True])
+def test_a_failing_client_is_one_log_line_without_debug(model_dir, sandbox, caplog, monkeypatch, debug):
+    fit = ClientApp.fit
+
+    def failing_fit(self, state, ins):
+        if state.client_id == "client_1":
+            raise RuntimeError("client 1 broke")
+        return fit(self, state, ins)
+
+    monkeypatch.setattr(ClientApp, "fit", failing_fit)
+    argv = [
+        *train_argv(model_dir, sandbox / "rows.jsonl", sandbox / "run"),
+        "--rounds",
+        "1",
+        *(["--debug"] if debug else []),
+    ]
+    with caplog.at_level(logging.WARNING, logger="fedlora"):
+        assert main(argv) == 0
+    logging.getLogger("fedlora").setLevel(logging.NOTSET)
+    (failed,) = [r for r in caplog.records if "failed: RuntimeError('client 1 broke')" in r.getMessage()]
+    assert bool(failed.exc_info) == debug
 
 
 @pytest.mark.bad_input

@@ -196,7 +196,8 @@ def fit_clients(app: ClientApp, states: Iterable[ClientState], ins: FitIns) -> t
         try:
             results.append(app.fit(state, ins))
         except Exception as error:
-            logger.warning("round %d: client %s failed: %r", ins.round, state.client_id, error, exc_info=True)
+            debug = logger.isEnabledFor(logging.DEBUG)  # the traceback only then (fedlora --debug)
+            logger.warning("round %d: client %s failed: %r", ins.round, state.client_id, error, exc_info=debug)
             app.model.zero_grad(set_to_none=True)  # it may have stopped between backward() and the step
             failures.append(Rejection(state.client_id, f"fit raised {type(error).__name__}: {error}"))
     return results, failures
