@@ -7,7 +7,10 @@ adapted layer itself (the module PEFT puts in the model, without the PeftModel w
 * ``peft_lora`` / ``peft_dora``: PEFT's LoRA layer (``use_dora=True`` for DoRA), random nonzero B;
 * ``feddora_torch`` / ``feddora_triton`` / ``feddora_native``: the FedDoRA layer with ``FEDLORA_BACKEND`` forcing the
   PyTorch reference, the Triton kernels or the native extension (``FedDoRAConfig(init_weights=False)``: B ≠ 0);
-* ``feddora_compile``: the FedDoRA layer on the reference under ``torch.compile`` (static shapes, compiled per case).
+* ``feddora_compile``: the FedDoRA layer on the reference under ``torch.compile`` (static shapes, compiled per case);
+* ``feddora_linear_cublas`` / ``feddora_linear_triton``: the same FedDoRA adapter run by the fused op that owns the
+  frozen base weight (:func:`fedlora_kernels.triton_feddora_linear.feddora_linear_triton`, ``base_gemm`` cublas or
+  triton), instead of the layer's base call + ``feddora_lora``.
 
 All adapters are rank r, alpha 2r, no dropout, in the base's dtype (``autocast_adapter_dtype=False``). Modes: ``fwd``
 (under ``no_grad``) and ``fwd_bwd`` (x requires grad, as in the middle of a network, and a random dy is backpropagated;
@@ -221,6 +224,8 @@ class ImplSpec:
     backend: str | None = None
     """``FEDLORA_BACKEND`` while the impl is built and run."""
     compiled: bool = False
+    base_gemm: str | None = None
+    """With it, the fused linear op (base weight owned by the op) with this ``base_gemm`` replaces the layer."""
 
 
 IMPLS = {
@@ -231,6 +236,8 @@ IMPLS = {
     "feddora_compile": ImplSpec("feddora", "torch", compiled=True),
     "feddora_triton": ImplSpec("feddora", "triton"),
     "feddora_native": ImplSpec("feddora", "native"),
+    "feddora_linear_cublas": ImplSpec("feddora", "triton", base_gemm="cublas"),
+    "feddora_linear_triton": ImplSpec("feddora", "triton", base_gemm="triton"),
 }
 
 
@@ -315,7 +322,17 @@ def build_layer(
     if spec.compiled:
         torch._dynamo.reset()  # each case compiles afresh: no recompile limit across the grid
         layer = torch.compile(layer, dynamic=False)
+    if spec.base_gemm is not None:
+        from fedlora_kernels.triton_feddora_linear import feddora_linear_triton
+
+        a, b, scaling = layer.feddora_A["default"], layer.feddora_B["default"], layer.scaling["default"]
+        params = (a.direction, a.magnitude, b.direction, b.magnitude)
+        return partial(_fused_linear, feddora_linear_triton, base, params, scaling, spec.base_gemm), trainable
     return layer, trainable
+
+
+def _fused_linear(op, base: nn.Linear, params, scaling: float, base_gemm: str, x: torch.Tensor) -> torch.Tensor:
+    return op(x, base.weight, base.bias, *params, scaling, 0.0, base_gemm=base_gemm)
 
 
 # ---------------------------------------------------------------------------------------------------- measuring
