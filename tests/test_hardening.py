@@ -325,6 +325,16 @@ def test_a_directory_or_link_loop_is_named_as_such(model_dir, sandbox, capsys, w
     assert not (sandbox / "run").exists()
 
 
+@pytest.mark.bad_input
+def test_a_natural_instructions_task_file_that_is_a_link_loop(model_dir, sandbox, capsys):
+    loop = sandbox / "task001_loop.json"
+    loop.symlink_to(loop)
+    argv = train_argv(model_dir, loop, sandbox / "run", "data.source=natural_instructions", "data.partition=files")
+    err = fails([*argv, "data.num_clients=none"], capsys)
+    assert f"Natural Instructions task file {loop} is a symbolic link loop, not a file" in err
+    assert not (sandbox / "run").exists()
+
+
 NI_TASK = {
     "Definition": ["Add the numbers."],
     "Instances": [{"input": f"{i}+{i}", "output": [str(2 * i)]} for i in range(12)],

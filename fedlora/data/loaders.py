@@ -307,9 +307,9 @@ def _natural_instruction_tasks(paths: str | Path | Sequence[str | Path]) -> list
     files = sorted(Path(p) for p in ([paths] if isinstance(paths, str | Path) else paths))
     if not files:
         raise ValueError("no Natural Instructions task files given")
-    missing = [str(f) for f in files if not f.is_file()]
-    if missing:
-        raise FileNotFoundError(f"Natural Instructions task file(s) not found: {missing}")
+    for file in files:
+        if not file.is_file():  # absent, a directory, a link loop
+            raise missing_file_error(file, "Natural Instructions task file")
     return [(file, _natural_instruction_task_file(file)) for file in files]
 
 
