@@ -1,6 +1,7 @@
 """One command for a machine with an NVIDIA GPU: ``python -m benchmarks.gpu_check [OUT_DIR]`` (from the repo root).
 
-1. Correctness on CUDA: the kernel tests (tests/test_kernels_triton.py, tests/test_native.py: fp32/fp16/bf16,
+1. Correctness on CUDA: the kernel tests (tests/test_kernels_triton.py, tests/test_feddora_linear.py (the fused
+   linear op, both base-GEMM modes), tests/test_native.py: fp32/fp16/bf16,
    output and all gradients against the float64 reference under tests/numerics.py's rule, ragged shapes, dropout +
    backward at k % 16 == 0, offsets past int32) and the tuner tests with ``FEDLORA_BACKEND=triton``; each pytest
    run's output and JUnit XML go to ``OUT_DIR/gpu-check-<device>-<date>-<name>.{log,xml}``.
@@ -8,7 +9,7 @@
    launches compile, and their registers as the driver reports them, next to what the CPU-side stand-in capture
    predicts (``compile-check-device.jsonl``; a mismatch fails the check).
 3. Timing: ``benchmarks.kernels --preset targets --end-to-end`` (the issue's target rows: base, PEFT LoRA/DoRA, the
-   reference, torch.compile, Triton, native; bf16, r=16) and the small-token crossover between the Triton and
+   reference, torch.compile, Triton, the fused linear op with cuBLAS and Triton base GEMMs, native; bf16, r=16) and the small-token crossover between the Triton and
    native backends at 4096→4096 (which sets ``backend.TRITON_MIN_TOKENS``).
 
 Results go to OUT_DIR (default benchmarks/results/). Exits non-zero when a correctness check fails, and with one
@@ -64,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
     tag = f"gpu-check-{slug}-{dt.datetime.now(dt.timezone.utc):%Y%m%d}"
     print(f"== correctness on {device}", flush=True)
-    failures = _pytest(out, tag, "kernels", "tests/test_kernels_triton.py", "tests/test_native.py")
+    kernel_tests = ("tests/test_kernels_triton.py", "tests/test_feddora_linear.py", "tests/test_native.py")
+    failures = _pytest(out, tag, "kernels", *kernel_tests)
     failures |= _pytest(out, tag, "tuner-triton", "tests/test_tuner.py", FEDLORA_BACKEND="triton")
     print("== compile check against the hardware", flush=True)
     command = [sys.executable, "-m", "benchmarks.compile_check", "--on-device", "--out", str(out)]

@@ -17,7 +17,7 @@ from fedlora_kernels import feddora_lora_reference, triton_feddora  # noqa: E402
 from fedlora_kernels.triton_feddora import draw_dropout_seed, dropout_keep_mask  # noqa: E402
 from fedlora_kernels.triton_feddora_linear import feddora_linear_triton  # noqa: E402
 from tests.numerics import assert_within_reference_error  # noqa: E402
-from tests.test_kernels_triton import DEVICE, DTYPES, SMALL_TILES  # noqa: E402
+from tests.test_kernels_triton import DEVICE, DTYPES, ON_CUDA, SMALL_TILES  # noqa: E402
 
 SCALING = 0.75
 PARAMS = ("direction_a", "magnitude_a", "direction_b", "magnitude_b")
@@ -46,9 +46,14 @@ CASES = (
     Case((21,), k=32, d=48, r=16, dropout_p=0.3),
     Case((3, 5), k=33, d=18, r=5, dropout_p=0.5, transposed=True),
 )
+GPU_CASES = (
+    Case((2, 1024), k=4096, d=4096, r=16, dropout_p=0.1),
+    Case((333,), k=1000, d=11008, r=16),
+    Case((4, 250), k=2048, d=2048, r=64, dropout_p=0.2, bias=False, transposed=True),
+)
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture
 def small_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(triton_feddora, "CONFIG", SMALL_TILES)
 
@@ -110,6 +115,7 @@ def _check(case: Case, dtype: torch.dtype, gemm: str, trainable: tuple[str, ...]
         assert_within_reference_error(grads[name], grads_t[name], grads_64[name], f"grad {name}")
 
 
+@pytest.mark.usefixtures("small_tiles")
 @pytest.mark.parametrize("gemm", ["cublas", "triton"])
 @pytest.mark.parametrize("case", CASES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -117,6 +123,15 @@ def test_matches_float64_reference(case: Case, dtype: torch.dtype, gemm: str) ->
     _check(case, dtype, gemm, ("x", *PARAMS))
 
 
+@pytest.mark.skipif(not ON_CUDA, reason="large shapes at the default tiles need a GPU")
+@pytest.mark.parametrize("gemm", ["cublas", "triton"])
+@pytest.mark.parametrize("case", GPU_CASES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_float64_reference_default_tiles(case: Case, dtype: torch.dtype, gemm: str) -> None:
+    _check(case, dtype, gemm, ("x", *PARAMS))
+
+
+@pytest.mark.usefixtures("small_tiles")
 @pytest.mark.parametrize("gemm", ["cublas", "triton"])
 @pytest.mark.parametrize(
     "trainable", [("x",), PARAMS, ("x", "weight", "bias")], ids=["x-only", "adapter-only", "base-trainable"]
