@@ -119,9 +119,11 @@ def _keep(seed, rows64, col0, n_cols, dropout_p, BLOCK_COLS: tl.constexpr, DTYPE
 
         M[i, j] = uniform(Philox(seed, i·⌈n_cols/4⌉ + ⌊j/4⌋)[j mod 4]) ≥ p
 
-    One Philox call gives four 32-bit values, each used for one column: ``tl.rand`` per element (one full Philox,
-    ~75 SASS instructions, per element) made the dropout forward compute-bound, and its per-element state cost
-    ~100 registers in the dropout variants (benchmarks/compile_check.py). Every kernel that applies or rebuilds M
+    One Philox call gives four 32-bit values, each used for one column. Compiled for sm_90 (a 16×64 mask tile, 4
+    warps, cuobjdump -sass), ``tl.rand`` per element took 552 instructions per thread for its 8 elements (69 per
+    element: one full Philox each), this 240 (30, stores and addressing included); the bf16 r=16 forward with
+    dropout went from 168 to 100 registers, the 64-row dx+dA backward pass from 250 to 210
+    (benchmarks/compile_check.py). Not timed: no GPU yet. Every kernel that applies or rebuilds M
     calls this function with the same (row, column) indexing, so the forward, the backward and
     :func:`dropout_keep_mask` see the same mask whatever their tiles (all multiples of 4 wide).
     """
