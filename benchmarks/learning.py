@@ -275,7 +275,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="Dolly-15k .jsonl")
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=list(METHODS))
+    parser.add_argument(
+        "--methods", nargs="+", default=list(METHODS), help=f"of {sorted(METHODS)}; NAME@LR runs that lr only"
+    )
     parser.add_argument("--lrs", nargs="+", type=float, help="learning rates for every method (default: each its own)")
     parser.add_argument("--seeds", type=int, help="number of seeds (default: the preset's)")
     parser.add_argument("--steps", nargs="+", type=int, help="evaluation steps (default: the preset's)")
@@ -284,6 +286,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--name", help="results file stem (default: learning-<preset>-<UTC date>)")
     args = parser.parse_args(argv)
+    unknown = [m for m in args.methods if m.partition("@")[0] not in METHODS]
+    if unknown:
+        parser.error(f"--methods: unknown {unknown}; choose from {sorted(METHODS)}")
     if not args.data.is_file():
         parser.error(f"--data {args.data}: no such file (Dolly-15k .jsonl)")
     return args
@@ -299,12 +304,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     args.results_dir.mkdir(parents=True, exist_ok=True)
     path = args.results_dir / f"{stem}.jsonl"
     done = {(row["method"], row["lr"], row["seed"]) for row in _read_rows(path)}
+    runs = [
+        (name, [float(lr)] if lr else (args.lrs or METHODS[name].lrs))
+        for name, _, lr in (method.partition("@") for method in args.methods)
+    ]
     jobs = [
-        Job(name, lr, seed)
-        for seed in range(seeds)
-        for name in args.methods
-        for lr in (args.lrs or METHODS[name].lrs)
-        if (name, lr, seed) not in done
+        Job(name, lr, seed) for seed in range(seeds) for name, lrs in runs for lr in lrs if (name, lr, seed) not in done
     ]
     provenance = {
         "preset": args.preset,

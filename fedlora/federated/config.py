@@ -116,7 +116,7 @@ class ClientSettings:
     lr: float = 5e-3
     order: Literal["local-first", "global-first"] = "local-first"
     local_steps: int = 2
-    local_lr: float = 1e-2
+    local_lr: float = 5e-3
     global_steps: int = 2
     global_lr: float = 5e-3
 
