@@ -12,6 +12,8 @@ all variants share the preset, the data, the partition, the client splits and th
   are shared. With ``fedlora-opt`` (A and B directions) and ``fed-dora`` (directions and magnitudes) this is the
   ablation of which tensors are shared;
 * ``fedlora-opt/global-first``: the directions' stage before the magnitudes' (``client.order=global-first``);
+* ``fedlora-opt/joint``: one stage in which the local optimizer (magnitudes) and the global one (directions) both
+  step on every batch (``client.order=joint``), so every tensor gets all 6 updates of a round, not 3;
 * ``fedlora-opt/fedadam``: the server applies FedAdam (``server.lr=1e-2``) instead of FedAvg.
 
 Every run scores round 0 (the initial adapter, which is the base model), so every row shows its change from there.
@@ -131,6 +133,7 @@ STRATEGY_NAMES = ("fedlora-opt", "fedit", "ffa-lora", "fedsa-lora", "fed-dora", 
 VARIANTS = [Variant(name, name) for name in STRATEGY_NAMES] + [
     Variant("fedlora-opt/shared-A-direction", "fedlora-opt", {"adapter.tensor_roles": {"B.direction": "personal"}}),
     Variant("fedlora-opt/global-first", "fedlora-opt", {"client.order": "global-first"}),
+    Variant("fedlora-opt/joint", "fedlora-opt", {"client.order": "joint"}),
     Variant("fedlora-opt/fedadam", "fedlora-opt", {"server.optimizer": "fedadam", "server.lr": 1e-2}),
 ]
 VARIANTS_BY_NAME = {variant.name: variant for variant in VARIANTS}

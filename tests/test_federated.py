@@ -297,6 +297,20 @@ def test_fedlora_opt_stages_touch_only_their_tensors(make_config, tokenizer):
     assert set(result.metrics) == {"train_loss_global"}
 
 
+def test_fedlora_opt_joint_order_steps_both_optimizers_on_every_batch(make_config, tokenizer):
+    config = make_config("client.order=joint", "client.local_steps=1", "client.global_steps=1")
+    fed = build_federation(config, model=tiny_llama(len(tokenizer)), tokenizer=tokenizer, progress=False)
+    app, state = fed.app, fed.app.new_state(fed.data.clients[0])
+    everything = [n for role in app.names.values() for n in role]
+    before = app.snapshot(everything)
+    result = app.fit(state, FitIns(1, app.snapshot(app.names["shared"])))
+    after = app.snapshot(everything)
+    # One stage of 1 + 1 steps: at the first only m_A has a gradient (A = 0), at the second every tensor does.
+    assert {n for n in everything if not torch.equal(before[n], after[n])} == DIRECTIONS | MAGNITUDES
+    assert set(result.metrics) == {"train_loss_joint"} and set(result.tensors) == DIRECTIONS
+    assert {int(entry["step"]) for entry in state.optimizer_state["state"].values()} == {2}  # the local optimizer's
+
+
 # ------------------------------------------------------------------------------------------------- run directory
 
 

@@ -57,7 +57,8 @@ class ClientApp:
     ``fit`` loads the global shared tensors and the client's personal tensors, trains, and returns a
     :class:`FitRes` carrying only the shared tensors. With a ``two_stage`` strategy the local optimizer trains
     the personal tensors and a fresh global optimizer the shared ones, one stage after the other in
-    ``settings.order``; otherwise both optimizers step together on every batch. In each stage only that stage's
+    ``settings.order`` (``local-first``, ``global-first``), or both stepping on every batch of one stage of
+    ``local_steps + global_steps`` steps (``joint``); otherwise both optimizers step together on every batch. In each stage only that stage's
     tensors require gradients, so a stage cannot change any other tensor.
     """
 
@@ -161,9 +162,13 @@ class ClientApp:
         if not self.strategy.two_stage:
             optimizers = [opt for opt in (local, shared) if opt is not None]
             return [_Stage("joint", self.settings.steps, personal + global_, optimizers)]
+        local_opt, shared_opt = [local] if local is not None else [], [shared] if shared is not None else []
+        if self.settings.order == "joint":
+            steps = self.settings.local_steps + self.settings.global_steps
+            return [_Stage("joint", steps, personal + global_, local_opt + shared_opt)]
         stages = [
-            _Stage("local", self.settings.local_steps, personal, [local] if local is not None else []),
-            _Stage("global", self.settings.global_steps, global_, [shared] if shared is not None else []),
+            _Stage("local", self.settings.local_steps, personal, local_opt),
+            _Stage("global", self.settings.global_steps, global_, shared_opt),
         ]
         return stages if self.settings.order == "local-first" else stages[::-1]
 

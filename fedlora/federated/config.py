@@ -102,10 +102,11 @@ class ClientSettings:
     """Local training on each client.
 
     Every strategy but ``fedlora-opt`` trains its shared and personal tensors jointly for ``steps`` steps at
-    ``lr``. ``fedlora-opt`` runs two stages in ``order``: the local optimizer on the personal tensors
-    (``local_steps`` at ``local_lr``) and the global optimizer on the shared ones (``global_steps`` at
-    ``global_lr``). The optimizer of the personal tensors keeps its state per client across rounds; the one of
-    the shared tensors starts fresh every round. Gradients are clipped to ``max_grad_norm`` (None: no clipping).
+    ``lr``. ``fedlora-opt`` trains the personal tensors with the local optimizer (at ``local_lr``) and the shared
+    ones with the global optimizer (at ``global_lr``), in ``order``: ``local-first`` or ``global-first`` run two
+    stages (``local_steps`` on the personal tensors, ``global_steps`` on the shared ones); ``joint`` runs one stage
+    of ``local_steps + global_steps`` batches on each of which both optimizers step. The optimizer of the personal
+    tensors keeps its state per client across rounds; the one of the shared tensors starts fresh every round. Gradients are clipped to ``max_grad_norm`` (None: no clipping).
     """
 
     batch_size: int = 2
@@ -114,7 +115,7 @@ class ClientSettings:
     max_grad_norm: float | None = 1.0
     steps: int = 4
     lr: float = 5e-3
-    order: Literal["local-first", "global-first"] = "local-first"
+    order: Literal["local-first", "global-first", "joint"] = "local-first"
     local_steps: int = 2
     local_lr: float = 5e-3
     global_steps: int = 2
