@@ -83,6 +83,7 @@ COMMON = {
     "adapter.alpha": 16,
     "adapter.target_modules": TARGET_MODULES,
     "data.alpha": 0.5,
+    "data.prompt_format": "alpaca",  # what the committed comparison used (the chat template is the CLI's default)
 }
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {

@@ -3,7 +3,7 @@
 ``python -m benchmarks.learning [--preset cpu|gpu] [--data DOLLY.jsonl] [--methods ...] [--lrs ...] [--seeds N]``
 
 Every run fine-tunes SmolLM2-135M-Instruct (r=8, alpha=16 on the attention and MLP projections) on one stream of
-Dolly-15k training rows with AdamW at a constant learning rate (gradients clipped to norm 1, the federated
+Dolly-15k training rows in the Alpaca prompt format with AdamW at a constant learning rate (gradients clipped to norm 1, the federated
 engine's default) and scores the response-token loss of a fixed held-out set after the steps in ``eval_steps``
 (step 0 is the untrained model). A run is one (method, lr, seed); the seed sets the adapter initialisation and the
 order of the training rows, the held-out rows are the same for all runs. Methods:
@@ -17,9 +17,11 @@ order of the training rows, the held-out rows are the same for all runs. Methods
 
 Each method is compared at its own best learning rate of ``--lrs`` (the lowest mean held-out loss over seeds at
 each reported step). Results go to ``<results-dir>/learning-<preset>-<UTC date>.{jsonl,md,png}``; runs already in
-the jsonl are not run again, so an interrupted benchmark continues where it stopped. Presets: ``cpu`` (about 25
-minutes on 2 cores with ``--workers 2``: 96-token sequences, batch 2, 200 steps, 32 held-out rows, 3 seeds, 3 lrs
-per method) and ``gpu`` (256 tokens, batch 8, 500 steps, 128 held-out rows, 5 seeds).
+the jsonl are not run again, so an interrupted benchmark continues where it stopped, and ``--methods NAME@LR`` runs
+one lr of a method (a sweep on ``--seeds 1`` followed by ``--seeds 3`` at the best lrs is what the README's table
+did). Presets: ``cpu`` (64-token sequences, batch 2, 200 steps, 32 held-out rows, 3 seeds, 2 lrs per method: 30 runs,
+each 9–23 minutes on a shared 2-core machine with one thread per worker, i.e. hours, not the 30 minutes it was
+meant to fit) and ``gpu`` (256 tokens, batch 8, 500 steps, 128 held-out rows, 5 seeds).
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "held_out": 32,
         "seeds": 3,
         "max_prompt_chars": 600,
+        "prompt_format": "alpaca",
         "device": "cpu",
     },
     "gpu": {
@@ -76,6 +79,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "held_out": 128,
         "seeds": 5,
         "max_prompt_chars": None,
+        "prompt_format": "alpaca",
         "device": "cuda",
     },
 }
@@ -148,8 +152,8 @@ def _init_worker(args: argparse.Namespace, settings: dict[str, Any]) -> None:
     _WORKER.update(
         model=model.requires_grad_(False),
         tokenizer=tokenizer,
-        held_out=tokenize_dataset(held_out, tokenizer, settings["max_length"]),
-        train=tokenize_dataset(train, tokenizer, settings["max_length"]),
+        held_out=tokenize_dataset(held_out, tokenizer, settings["max_length"], settings["prompt_format"]),
+        train=tokenize_dataset(train, tokenizer, settings["max_length"], settings["prompt_format"]),
         settings=settings,
     )
 
