@@ -71,9 +71,10 @@ def serve(grid: Grid, config: RunConfig, settings: FlowerSettings) -> Path:
     strategy.aggregate_evaluate(
         0, exchange(grid, strategy.configure_evaluate(0, arrays, ConfigRecord(), grid), settings.round_timeout)
     )
-    rows = [{"round": 0, **row} for row in fedlora.scores] + summarize(0, fedlora.scores)
+    initial = summarize(0, fedlora.scores)
+    rows = [{"round": 0, **row} for row in fedlora.scores] + initial
     title = f"round 0/{config.rounds} · {config.strategy} · initial adapter · {time.perf_counter() - started:.1f} s"
-    tqdm.write(format_table(title, summarize(0, fedlora.scores)))
+    tqdm.write(format_table(title, initial))
 
     for round_ in range(1, config.rounds + 1):
         started = time.perf_counter()
