@@ -51,7 +51,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+from benchmarks.common import RESULTS_DIR, markdown_table, write_jsonl
+
 STEM = "compile-check"
 
 
@@ -465,51 +466,87 @@ def _fmt_constexprs(constexprs: dict) -> str:
     return " ".join(parts)
 
 
+SUMMARY_COLUMNS = (
+    "target",
+    "variants",
+    "compiled",
+    "failed",
+    "max registers",
+    "max spill stores, bf16/fp16",
+    "max spill stores, fp32",
+    "max shared KB",
+    "min CTAs/SM",
+)
+VARIANT_COLUMNS = (
+    "target",
+    "kernel",
+    "dtype",
+    "constexprs",
+    "warps",
+    "stages",
+    "registers",
+    "spill st/ld B",
+    "shared KB",
+    "CTAs/SM",
+    "points",
+    "example point",
+    "error",
+)
+
+
+def _summary_cells(target: Target, rows: list[dict]) -> list:
+    mine = [row for row in rows if row["target"] == target.name]
+    ok = [row for row in mine if not row.get("error")]
+    half = [row["spill_stores"] for row in ok if row["dtype"] in ("bf16", "fp16")]
+    full = [row["spill_stores"] for row in ok if row["dtype"].startswith("fp32")]
+    return [
+        target.name,
+        len(mine),
+        len(ok),
+        len(mine) - len(ok),
+        max((row["registers"] for row in ok), default="-"),
+        max(half, default="-"),
+        max(full, default="-"),
+        f"{max((row['shared_bytes'] for row in ok), default=0) / 1024:.0f}",
+        min((row["ctas_per_sm"] for row in ok), default="-"),
+    ]
+
+
+def _variant_cells(row: dict) -> list:
+    if row.get("error"):
+        figures = ["-"] * 4
+    else:
+        figures = [
+            row["registers"],
+            f"{row['spill_stores']}/{row['spill_loads']}",
+            f"{row['shared_bytes'] / 1024:.1f}",
+            row["ctas_per_sm"],
+        ]
+    return [
+        row["target"],
+        f"`{row['kernel']}`",
+        row.get("dtype", "-"),
+        _fmt_constexprs(row.get("constexprs", {})),
+        row.get("num_warps", "-"),
+        row.get("num_stages", "-"),
+        *figures,
+        row["points"],
+        row["example"],
+        (row.get("error") or "").replace("|", "/")[:300],
+    ]
+
+
 def markdown(rows: list[dict], points: int, wall_s: float) -> str:
     import triton
 
-    lines = [
-        "# Ahead-of-time compile check of the Triton kernels",
-        "",
+    intro = (
         f"`python -m benchmarks.compile_check`: {points} grid points of the real op (fwd + bwd) captured per target, "
         f"Triton {triton.__version__}, {wall_s:.0f} s wall. Registers and spills from ptxas, shared memory from "
-        "Triton's metadata, CTAs/SM estimated from both (see the module docstring).",
-        "",
-        "| target | variants | compiled | failed | max registers | max spill stores, bf16/fp16 | max spill stores, "
-        "fp32 | max shared KB | min CTAs/SM |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for target in TARGETS:
-        mine = [row for row in rows if row["target"] == target.name]
-        ok = [row for row in mine if not row.get("error")]
-        half = [row["spill_stores"] for row in ok if row["dtype"] in ("bf16", "fp16")]
-        full = [row["spill_stores"] for row in ok if row["dtype"].startswith("fp32")]
-        lines.append(
-            f"| {target.name} | {len(mine)} | {len(ok)} | {len(mine) - len(ok)} "
-            f"| {max((row['registers'] for row in ok), default='-')} | {max(half, default='-')} "
-            f"| {max(full, default='-')} | {max((row['shared_bytes'] for row in ok), default=0) / 1024:.0f} "
-            f"| {min((row['ctas_per_sm'] for row in ok), default='-')} |"
-        )
-    lines += [
-        "",
-        "| target | kernel | dtype | constexprs | warps | stages | registers | spill st/ld B | shared KB | CTAs/SM "
-        "| points | example point | error |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        if row.get("error"):
-            figures = "| - | - | - | - "
-        else:
-            figures = (
-                f"| {row['registers']} | {row['spill_stores']}/{row['spill_loads']} "
-                f"| {row['shared_bytes'] / 1024:.1f} | {row['ctas_per_sm']} "
-            )
-        lines.append(
-            f"| {row['target']} | `{row['kernel']}` | {row.get('dtype', '-')} | {_fmt_constexprs(row.get('constexprs', {}))} "
-            f"| {row.get('num_warps', '-')} | {row.get('num_stages', '-')} {figures}| {row['points']} "
-            f"| {row['example']} | {(row.get('error') or '').replace('|', '/')[:300]} |"
-        )
-    return "\n".join(lines) + "\n"
+        "Triton's metadata, CTAs/SM estimated from both (see the module docstring)."
+    )
+    summary = markdown_table(SUMMARY_COLUMNS, (_summary_cells(target, rows) for target in TARGETS))
+    variants = markdown_table(VARIANT_COLUMNS, map(_variant_cells, rows))
+    return f"# Ahead-of-time compile check of the Triton kernels\n\n{intro}\n\n{summary}\n{variants}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -531,9 +568,7 @@ def main(argv: list[str] | None = None) -> int:
         if not torch.cuda.is_available():
             raise SystemExit("compile_check --on-device: no CUDA device is visible")
         rows = device_check(grid(quick=True))
-        args.out.mkdir(parents=True, exist_ok=True)
-        with open(args.out / f"{STEM}-device.jsonl", "w") as out:
-            out.writelines(json.dumps(row) + "\n" for row in rows)
+        write_jsonl(args.out / f"{STEM}-device.jsonl", rows)
         bad = [
             row
             for row in rows
@@ -549,10 +584,7 @@ def main(argv: list[str] | None = None) -> int:
     points = grid(args.quick)
     rows = run(points, max(1, args.jobs))
     wall = time.perf_counter() - start
-    args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / f"{STEM}.jsonl", "w") as out:
-        for row in rows:
-            out.write(json.dumps({k: v for k, v in row.items() if k != "key"}) + "\n")
+    write_jsonl(args.out / f"{STEM}.jsonl", ({k: v for k, v in row.items() if k != "key"} for row in rows))
     table = markdown(rows, len(points), wall)
     (args.out / f"{STEM}.md").write_text(table)
     print("\n".join(table.splitlines()[:9]))

@@ -38,18 +38,16 @@ counts only this invocation. Row fields: ``variant, strategy, overrides, final_r
 (``loss``, ``perplexity``, ``rougeL`` if evaluated, and their ``_std`` over clients at the final round),
 ``curves`` (the same per evaluated round, from round 0), ``bytes_sent_per_round`` (the shared tensors' bytes × the
 clients that trained in a round, client → server), ``shared_params``, ``personal_params`` (per client),
-``trainable_params``, ``wall_s``, ``resumed``, ``run_dir``, ``command``, ``seed``, ``preset``, ``partition``,
-``date``, ``machine`` and ``config`` (the resolved run configuration).
+``trainable_params``, ``wall_s``, ``resumed``, ``run_dir``, ``seed``, ``preset``, ``partition``, ``config`` (the
+resolved run configuration) and the provenance of :func:`benchmarks.common.provenance` (``command, date, machine,
+cores, device, torch_version, triton_version``; older rows have ``date`` as ``YYYYMMDD``, ``machine`` as a dict and
+no ``cores``, ``device`` or versions).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import os
-import platform
-import shlex
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -64,13 +62,19 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from safetensors.torch import load_file
 
+from benchmarks.common import (
+    RESULTS_DIR,
+    add_data_argument,
+    markdown_table,
+    provenance,
+    read_jsonl,
+    today,
+    write_jsonl,
+)
 from fedlora.federated import build_config, train
 from fedlora.federated.report import EVAL_SPLITS, METRICS
 from fedlora.federated.storage import RunDir
 
-REPO = Path(__file__).resolve().parent.parent
-RESULTS_DIR = REPO / "benchmarks" / "results"
-DOLLY_PATH = str(REPO.parent / "shared" / "data" / "dolly" / "databricks-dolly-15k.jsonl")
 TARGET_MODULES = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 PROJECTIONS = [f"self_attn.{name}" for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
 PROJECTIONS += [f"mlp.{name}" for name in ("gate_proj", "up_proj", "down_proj")]
@@ -150,7 +154,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--partition", choices=("dirichlet", "label"), default="dirichlet")
     parser.add_argument("--strategies", nargs="+", choices=list(VARIANTS_BY_NAME), default=list(VARIANTS_BY_NAME))
-    parser.add_argument("--data", default=DOLLY_PATH, help="Dolly .jsonl (or 'dolly-sample', the packaged sample)")
+    add_data_argument(parser, help="Dolly .jsonl (or 'dolly-sample', the packaged sample)")
     parser.add_argument(
         "--max-prompt-chars",
         type=int,
@@ -169,7 +173,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def base_overrides(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     """The overrides every variant shares: common settings, the preset, the partition, the seed, then the command
     line."""
-    overrides = {**COMMON, **PRESETS[args.preset], "data.path": args.data, "data.partition": args.partition}
+    overrides = {**COMMON, **PRESETS[args.preset], "data.path": str(args.data), "data.partition": args.partition}
     overrides["seed"] = seed
     if args.model:
         overrides["model.name"] = args.model
@@ -254,20 +258,6 @@ def communication(run: RunDir) -> dict[str, Any]:
     }
 
 
-def machine() -> dict[str, Any]:
-    """Where the run happened."""
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return {
-        "host": platform.node(),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "gpu": gpu,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-    }
-
-
 def result_row(variant: Variant, run_dir: Path, timing: Mapping[str, Any], context: Mapping[str, Any]) -> dict:
     """The results row of a finished variant, read back from its run directory."""
     run = RunDir(run_dir)
@@ -284,17 +274,6 @@ def result_row(variant: Variant, run_dir: Path, timing: Mapping[str, Any], conte
         **context,
         "config": yaml.safe_load(run.config.read_text()),
     }
-
-
-def load_rows(path: Path) -> list[dict[str, Any]]:
-    """The rows of a results file; of several rows of one variant and seed (re-runs), the last."""
-    rows: dict[tuple[str, int], dict[str, Any]] = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                rows[row["variant"], row["seed"]] = row
-    return list(rows.values())
 
 
 def evaluated_metrics(rows: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -324,7 +303,7 @@ def _mean_std(values: Sequence[float]) -> str:
     return f"{np.mean(values):.4f} ± {std:.4f}"
 
 
-def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
+def summary_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """One line per variant: round-0 and final global and local scores as mean ± std over seeds (each seed's
     score is the mean over clients), the final loss's change from round 0, traffic and size."""
     metrics = evaluated_metrics(rows)
@@ -333,7 +312,7 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
     header = ["variant", "seeds"]
     header += [f"{split} {titles[m]} {when}" for split, m in scores for when in ("round 0", "final")]
     header += ["global loss Δ", "local loss Δ", "MB sent / round", "trainable", "personal / client", "wall s"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    body = []
     for variant, seeds in by_variant(rows).items():
         runs = [seeds[seed] for seed in sorted(seeds)]
         cells = [variant, ",".join(str(seed) for seed in sorted(seeds))]
@@ -351,8 +330,8 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
         sent = runs[-1]["bytes_sent_per_round"][-1] / 1e6 if runs[-1]["bytes_sent_per_round"] else 0.0
         cells += [f"{sent:.2f}", f"{runs[-1]['trainable_params']:,}", f"{runs[-1]['personal_params']:,}"]
         cells.append(f"{np.mean([run['wall_s'] for run in runs]):.0f}")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        body.append(cells)
+    return markdown_table(header, body)
 
 
 def paired_table(rows: Sequence[Mapping[str, Any]], subject: str = "fedlora-opt") -> str:
@@ -363,8 +342,7 @@ def paired_table(rows: Sequence[Mapping[str, Any]], subject: str = "fedlora-opt"
         return ""
     metrics = evaluated_metrics(rows)
     header = ["vs", "seeds"] + [f"Δ {split} {metric}" for split in EVAL_SPLITS for metric in metrics]
-    lines = [f"Paired by seed: `{subject}` minus the other variant (negative loss Δ: `{subject}` is better).", ""]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    body = []
     for other, seeds in grouped.items():
         common = sorted(set(seeds) & set(grouped[subject]))
         if other == subject or not common:
@@ -376,8 +354,9 @@ def paired_table(rows: Sequence[Mapping[str, Any]], subject: str = "fedlora-opt"
                 wins = sum((d < 0) if metric == "loss" else (d > 0) for d in diffs)
                 per_seed = ", ".join(f"{d:+.4f}" for d in diffs)
                 cells.append(f"{_mean_std(diffs)} ({per_seed}; better on {wins}/{len(diffs)})")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        body.append(cells)
+    preface = f"Paired by seed: `{subject}` minus the other variant (negative loss Δ: `{subject}` is better)."
+    return f"{preface}\n\n{markdown_table(header, body)}"
 
 
 def plot_curves(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
@@ -410,8 +389,8 @@ def plot_curves(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
 
 def write_reports(results: Path) -> None:
     """Rewrite the ``.md`` tables and ``.png`` curves of all rows in ``results``."""
-    rows = load_rows(results)
-    results.with_suffix(".md").write_text(markdown_table(rows) + "\n" + paired_table(rows))
+    rows = read_jsonl(results, key=lambda row: (row["variant"], row["seed"]))  # of re-runs, the last
+    results.with_suffix(".md").write_text(summary_table(rows) + "\n" + paired_table(rows))
     plot_curves(rows, results.with_suffix(".png"))
 
 
@@ -421,31 +400,22 @@ def main(argv: Sequence[str] | None = None) -> Path:
     args = parse_args(argv)
     if args.cpu_threads:
         torch.set_num_threads(args.cpu_threads)
-    date = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d")
-    tag = f"federated-{args.preset}-{args.partition}-{date}"
+    tag = f"federated-{args.preset}-{args.partition}-{today()}"
     out = args.out or Path("runs") / tag
-    args.results_dir.mkdir(parents=True, exist_ok=True)
     results = args.results_dir / f"{tag}.jsonl"
     limit = PROMPT_CHARS[args.preset] if args.max_prompt_chars is None else args.max_prompt_chars
-    if limit and Path(args.data).is_file():
-        args.data = str(short_prompts(Path(args.data), limit, out / f"dolly-max{limit}chars.jsonl"))
+    if limit and args.data.is_file():
+        args.data = short_prompts(args.data, limit, out / f"dolly-max{limit}chars.jsonl")
+    run_context = {**provenance("benchmarks.federated", argv), "preset": args.preset, "partition": args.partition}
     for seed in args.seeds:
         overrides = base_overrides(args, seed)
-        context = {
-            "command": shlex.join(["python", "-m", "benchmarks.federated", *argv]),
-            "seed": seed,
-            "preset": args.preset,
-            "partition": args.partition,
-            "date": date,
-            "machine": machine(),
-        }
+        context = {**run_context, "seed": seed}
         for name in args.strategies:
             variant = VARIANTS_BY_NAME[name]
             run_dir = out / name.replace("/", "--") / f"seed{seed}"
             print(f"[{time.strftime('%H:%M:%S')}] {name} seed {seed} → {run_dir}", flush=True)
             timing = run_variant(variant, overrides, run_dir, progress=not args.no_progress)
-            with results.open("a") as f:
-                f.write(json.dumps(result_row(variant, run_dir, timing, context)) + "\n")
+            write_jsonl(results, [result_row(variant, run_dir, timing, context)], append=True)
             write_reports(results)
             print(f"[{time.strftime('%H:%M:%S')}] {name} seed {seed} done in {timing['wall_s']:.0f} s", flush=True)
     print(results.with_suffix(".md").read_text())

@@ -18,9 +18,7 @@ line (no traceback) on a machine without CUDA.
 
 from __future__ import annotations
 
-import datetime as dt
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -28,8 +26,8 @@ from pathlib import Path
 import torch
 
 from benchmarks import kernels
+from benchmarks.common import REPO, RESULTS_DIR, slug, today
 
-REPO = Path(__file__).resolve().parents[1]
 CROSSOVER_TOKENS = "1,16,64,128,256,1024"
 
 
@@ -59,11 +57,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(
             "gpu_check: no CUDA device is visible; run it on a machine with an NVIDIA GPU. Nothing was checked."
         )
-    out = Path(argv[0]) if argv else REPO / "benchmarks" / "results"
+    out = Path(argv[0]) if argv else RESULTS_DIR
     out.mkdir(parents=True, exist_ok=True)
     device = torch.cuda.get_device_name()
-    slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
-    tag = f"gpu-check-{slug}-{dt.datetime.now(dt.timezone.utc):%Y%m%d}"
+    tag = f"gpu-check-{slug(device)}-{today()}"
     print(f"== correctness on {device}", flush=True)
     kernel_tests = ("tests/test_kernels_triton.py", "tests/test_feddora_linear.py", "tests/test_native.py")
     failures = _pytest(out, tag, "kernels", *kernel_tests)

@@ -46,8 +46,9 @@ run's table is printed. Progress lines give each case's wall time. CPU runs use 
 
 Row fields: ``impl, mode, n_tokens, in_features, out_features, rank, dtype`` (``fp32|bf16|fp16``), ``ms`` (median),
 ``peak_mib``, ``skipped_reason`` (null when it ran), ``ratio_to_base``, ``ratio_to_peft_lora`` (ms over theirs on the
-same problem and mode), ``backend`` (the FedDoRA backend), ``device, date, torch_version, triton_version, preset,
-run_id``; end-to-end rows add ``model`` and ``tokens_per_s`` (``in_features``/``out_features`` are then the model's
+same problem and mode), ``backend`` (the FedDoRA backend), ``preset``, ``run_id`` and the provenance of
+:func:`benchmarks.common.provenance` (``command, date, machine, cores, device, torch_version, triton_version``);
+end-to-end rows add ``model`` and ``tokens_per_s`` (``in_features``/``out_features`` are then the model's
 hidden/intermediate sizes).
 """
 
@@ -57,10 +58,7 @@ import argparse
 import contextlib
 import datetime as dt
 import gc
-import json
 import os
-import platform
-import re
 import statistics
 import sys
 import time
@@ -76,8 +74,8 @@ import torch
 from torch import nn
 
 from benchmarks import report
+from benchmarks.common import RESULTS_DIR, provenance, read_jsonl, slug, write_jsonl
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 BACKEND_ENV = "FEDLORA_BACKEND"
 MODES = ("fwd", "fwd_bwd")
 E2E_MODE = "train_step"
@@ -576,36 +574,11 @@ def run_e2e(model_name: str, dtype_name: str, settings: Settings, context: dict)
 # ---------------------------------------------------------------------------------------------------- run
 
 
-def device_name(device: torch.device) -> str:
-    """The GPU's name, or the CPU's model name."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine() or "cpu"
-
-
-def _triton_version() -> str | None:
-    try:
-        import triton
-    except ImportError:
-        return None
-    return triton.__version__
-
-
-def run_context(device: torch.device, preset: str) -> dict:
-    """Fields shared by every row of this run."""
-    now = dt.datetime.now(dt.timezone.utc)
-    return {
-        "device": device_name(device),
-        "date": now.isoformat(timespec="seconds"),
-        "torch_version": torch.__version__,
-        "triton_version": _triton_version(),
-        "preset": preset,
-        "run_id": f"{now:%Y%m%dT%H%M%S}-{os.getpid()}",
-    }
+def run_context(device: torch.device, preset: str, argv: Sequence[str]) -> dict:
+    """Fields shared by every row of this run: its provenance, the preset and a run id."""
+    context = provenance("benchmarks.kernels", argv, device)
+    started = dt.datetime.fromisoformat(context["date"])
+    return {**context, "preset": preset, "run_id": f"{started:%Y%m%dT%H%M%S}-{os.getpid()}"}
 
 
 def output_path(out: Path | None, context: dict) -> Path:
@@ -613,14 +586,8 @@ def output_path(out: Path | None, context: dict) -> Path:
     ``benchmarks/results``)."""
     if out is not None and not out.is_dir():
         return out
-    slug = re.sub(r"[^a-z0-9]+", "-", context["device"].lower()).strip("-")
-    return (out or RESULTS_DIR) / f"kernels-{slug}-{context['date'][:10].replace('-', '')}.jsonl"
-
-
-def append_rows(path: Path, rows: Sequence[dict]) -> None:
-    """Append ``rows`` to ``path`` as JSON lines."""
-    with path.open("a") as out:
-        out.writelines(json.dumps(row) + "\n" for row in rows)
+    date = context["date"][:10].replace("-", "")
+    return (out or RESULTS_DIR) / f"kernels-{slug(context['device'])}-{date}.jsonl"
 
 
 def select_cases(preset: Preset, args: argparse.Namespace) -> list[Case]:
@@ -631,7 +598,7 @@ def select_cases(preset: Preset, args: argparse.Namespace) -> list[Case]:
 
 def pending_cases(cases: list[Case], impls: Sequence[str], out: Path, device: str) -> list[Case]:
     """The cases of which ``out`` lacks a row (run or skipped) for some impl and mode on ``device``."""
-    done = {report.row_key(row) for row in report.load_rows(out)} if out.exists() else set()
+    done = {report.row_key(row) for row in read_jsonl(out)}
 
     def complete(case: Case) -> bool:
         keys = (
@@ -676,7 +643,7 @@ def run_jobs(jobs: list[Job], out: Path, deadline: float) -> list[dict]:
         print(f"[{i + 1}/{len(jobs)}] {label}", flush=True)
         job_rows = job()
         print(f"      {label}: {time.monotonic() - start:.1f} s", flush=True)
-        append_rows(out, job_rows)
+        write_jsonl(out, job_rows, append=True)
         rows += job_rows
     return rows
 
@@ -737,12 +704,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; 0 unless some impl failed with an error (skips are not errors)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     preset = PRESETS[args.preset]
     settings = Settings(args.device, preset.warmup_ms, preset.rep_ms, preset.e2e_rep_ms, args.cpu_compile)
-    context = run_context(args.device, args.preset)
+    context = run_context(args.device, args.preset, argv)
     out = output_path(args.out, context)
-    out.parent.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + (args.budget_s if args.budget_s is not None else float("inf"))
     print(f"fedlora benchmarks on {context['device']} (torch {torch.__version__}, triton {context['triton_version']})")
     jobs = plan_jobs(args, settings, context, out)
@@ -750,7 +717,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with cpu_threads(args.device, args.cpu_threads):
         rows = run_jobs(jobs, out, deadline)
 
-    print("\n" + report.markdown_table(rows))
+    print("\n" + report.results_table(rows))
     if out.exists():
         for path in (out, *report.write_reports(out)):
             if path is not None:

@@ -8,9 +8,10 @@ impl, mode, shape, rank, dtype, device and model), the last row wins.
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Sequence
 from pathlib import Path
+
+from benchmarks.common import markdown_table, read_jsonl
 
 KEY_FIELDS = ("impl", "mode", "n_tokens", "in_features", "out_features", "rank", "dtype", "device", "model")
 """Fields that identify one measurement; a later row with the same values replaces an earlier one."""
@@ -24,16 +25,6 @@ Row = dict
 def row_key(row: Row) -> tuple:
     """The identity of a row's measurement (see :data:`KEY_FIELDS`)."""
     return tuple(row.get(field) for field in KEY_FIELDS)
-
-
-def load_rows(path: Path) -> list[Row]:
-    """The rows of a JSON-lines file; of rows with one :func:`row_key`, the last is kept (at the first's place)."""
-    latest: dict[tuple, Row] = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            latest[row_key(row)] = row
-    return list(latest.values())
 
 
 def _sorted_by_case(rows: Sequence[Row]) -> list[Row]:
@@ -81,19 +72,15 @@ def _cells(row: Row) -> tuple:
     )
 
 
-def markdown_table(rows: Sequence[Row]) -> str:
+def results_table(rows: Sequence[Row]) -> str:
     """A markdown table of ``rows`` (grouped by problem), then one line per distinct reason rows were skipped."""
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    ordered = _sorted_by_case(rows)
     skipped: dict[str, list[str]] = {}
-    for row in _sorted_by_case(rows):
-        lines.append("| " + " | ".join(str(cell) for cell in _cells(row)) + " |")
+    for row in ordered:
         if row.get("skipped_reason"):
             skipped.setdefault(row["skipped_reason"], []).append(row["impl"])
-    if skipped:
-        lines.append("")
-    for reason, impls in skipped.items():
-        lines.append(f"- skipped {', '.join(dict.fromkeys(impls))}: {reason}")
-    return "\n".join(lines) + "\n"
+    notes = "".join(f"- skipped {', '.join(dict.fromkeys(impls))}: {reason}\n" for reason, impls in skipped.items())
+    return markdown_table(COLUMNS, map(_cells, ordered)) + (f"\n{notes}" if notes else "")
 
 
 def _case_label(row: Row) -> str:
@@ -158,9 +145,9 @@ def write_reports(jsonl: Path) -> tuple[Path, Path | None]:
 
     Returns their paths; the PNG's is None, with the reason printed, when matplotlib is missing or plotting fails.
     """
-    rows = load_rows(jsonl)
+    rows = read_jsonl(jsonl, row_key)
     md_path, png_path = jsonl.with_suffix(".md"), jsonl.with_suffix(".png")
-    md_path.write_text(f"# {jsonl.name}\n\n{_environments(rows)}\n{markdown_table(rows)}")
+    md_path.write_text(f"# {jsonl.name}\n\n{_environments(rows)}\n{results_table(rows)}")
     try:
         plot(rows, png_path)
     except Exception as exc:  # the table and the JSON lines are the results; the plot is a convenience

@@ -18,6 +18,8 @@ import pytest
 import torch
 
 from benchmarks import kernels, report
+from benchmarks.common import DEFAULT_DATA, REPO, markdown_table, provenance, read_jsonl, write_jsonl
+from benchmarks.federated import parse_args as federated_args
 
 FIELD_TYPES = {
     "impl": str,
@@ -49,7 +51,7 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, Path, list[dic
         patch.setenv("TRITON_INTERPRET", "0")
         patch.delenv(kernels.BACKEND_ENV, raising=False)
         exit_code = kernels.main(["--preset", "smoke", "--device", "cpu", "--end-to-end", "--out", str(out)])
-    return exit_code, out, report.load_rows(out)
+    return exit_code, out, read_jsonl(out, report.row_key)
 
 
 def _case(row: dict) -> tuple:
@@ -158,3 +160,28 @@ def test_cuda_timing_calls_do_bench_by_its_signature(monkeypatch: pytest.MonkeyP
     assert kernels.time_ms(lambda: None, [x], settings, settings.rep_ms) == 1.5
     assert calls[0]["grad_to_none"] == [x]
     assert calls[0]["return_mode"] == "median"
+
+
+def test_jsonl_rows_round_trip_and_the_last_of_a_key_wins(tmp_path: Path) -> None:
+    path = tmp_path / "new-dir" / "rows.jsonl"
+    assert read_jsonl(path) == []
+    write_jsonl(path, [{"k": 1, "v": "a"}, {"k": 2, "v": "b"}])
+    write_jsonl(path, [{"k": 1, "v": "c"}], append=True)
+    assert [row["v"] for row in read_jsonl(path)] == ["a", "b", "c"]
+    assert read_jsonl(path, key=lambda row: row["k"]) == [{"k": 1, "v": "c"}, {"k": 2, "v": "b"}]
+    write_jsonl(path, [{"k": 3}])
+    assert read_jsonl(path) == [{"k": 3}]
+
+
+def test_markdown_table() -> None:
+    assert markdown_table(["a", "b"], [[1, None], ["x", 2.5]]) == "| a | b |\n|---|---|\n| 1 | None |\n| x | 2.5 |\n"
+
+
+def test_provenance_and_the_default_data_path() -> None:
+    row = provenance("benchmarks.kernels", ["--tokens", "1, 2"], torch.device("cpu"))
+    assert row["command"] == "python -m benchmarks.kernels --tokens '1, 2'"
+    assert dt.datetime.fromisoformat(row["date"]).tzinfo is not None
+    assert row["cores"] > 0 and row["device"] and row["machine"] and row["torch_version"] == torch.__version__
+    assert (REPO / "benchmarks" / "common.py").is_file() and DEFAULT_DATA.is_relative_to(REPO.parent / "shared")
+    assert federated_args([]).data == DEFAULT_DATA
+    assert federated_args(["--data", "dolly-sample"]).data == Path("dolly-sample")
