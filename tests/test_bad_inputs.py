@@ -17,8 +17,9 @@ import pytest
 from peft import get_peft_model
 
 from fedlora.cli import main
+from fedlora.federated.build import check_adapter_dir
 from fedlora.federated.config import build_config, load_config, save_config
-from fedlora.federated.run import _check_adapter_dir, evaluate_run, train
+from fedlora.federated.run import evaluate_run, train
 from fedlora.federated.strategy import STRATEGIES
 from fedlora.models import load_model_and_tokenizer
 from tests.tiny import save_tiny_model, tiny_llama, tiny_tokenizer
@@ -109,13 +110,6 @@ def model_dir(tmp_path_factory) -> Path:
             ValueError,
             r"Target modules \{'qkv_proj'\} not found in the base model",
             id="target-modules-match-nothing",
-        ),
-        pytest.param(
-            ["adapter.r=20", "adapter.target_modules=q_proj,v_proj"],
-            None,
-            ValueError,
-            r"rank r=20 is too large for layer 'model.layers.0.self_attn.v_proj' \(in_features=32, out_features=16\)",
-            id="rank-larger-than-layer",
         ),
     ],
 )
@@ -342,11 +336,11 @@ def test_matching_adapter_dir_passes_the_check(tmp_path):
     )
     here = tiny_llama()
     here.name_or_path = str(tmp_path / "tiny-llama")
-    _check_adapter_dir(tmp_path / "adapter", peft_config(config.adapter), here)
+    check_adapter_dir(tmp_path / "adapter", peft_config(config.adapter), here)
     with pytest.raises(ValueError, match=r"its target_modules is \['model.layers.0.mlp.down_proj', "):
-        _check_adapter_dir(tmp_path / "adapter", peft_config(build_config({}, SETTINGS).adapter), here)
+        check_adapter_dir(tmp_path / "adapter", peft_config(build_config({}, SETTINGS).adapter), here)
     with pytest.raises(FileNotFoundError, match=r"is not a saved adapter \(no adapter_config.json\)"):
-        _check_adapter_dir(tmp_path, peft_config(config.adapter), here)
+        check_adapter_dir(tmp_path, peft_config(config.adapter), here)
 
 
 # ---------------------------------------------------------------------------------------- the command line

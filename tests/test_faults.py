@@ -31,7 +31,7 @@ import torch
 from safetensors import SafetensorError
 
 from fedlora.cli import main
-from fedlora.federated import run, storage
+from fedlora.federated import build, rounds, storage
 from fedlora.federated.storage import RunDir
 from tests.test_cli import write_rows
 from tests.test_federated import final_state
@@ -103,10 +103,10 @@ def round_in(directory: Path) -> int:
 def no_model(monkeypatch) -> None:
     """Fail the test if the run gets as far as loading the model."""
 
-    def load_model(config):
+    def load_model(config, name=None):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(run, "_load_model", load_model)
+    monkeypatch.setattr(build, "load_model", load_model)
 
 
 def exit_message(argv: list[str], capsys) -> str:
@@ -397,7 +397,7 @@ def fail_writing(monkeypatch, target: str) -> None:
 
         monkeypatch.setattr(storage, "save_file", safetensors_save_file)
     else:  # global_adapter/, published after round 3 committed
-        atomic_dir = run.atomic_dir
+        atomic_dir = rounds.atomic_dir
 
         @contextmanager
         def failing_atomic_dir(path: Path) -> Iterator[Path]:
@@ -406,7 +406,7 @@ def fail_writing(monkeypatch, target: str) -> None:
                 if RunDir(path.parent).committed_round() == 3:
                     raise error
 
-        monkeypatch.setattr(run, "atomic_dir", failing_atomic_dir)
+        monkeypatch.setattr(rounds, "atomic_dir", failing_atomic_dir)
 
 
 @pytest.mark.fault

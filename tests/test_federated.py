@@ -30,8 +30,9 @@ from fedlora.federated import (
     train,
     weighted_average,
 )
+from fedlora.federated.build import data_config
 from fedlora.federated.config import ServerSettings
-from fedlora.federated.run import build_federation, data_config
+from fedlora.federated.run import build_federation
 from tests.tiny import tiny_llama, tiny_tokenizer
 
 LABELS = ("open_qa", "summarization", "brainstorming", "classification")

@@ -13,12 +13,10 @@ import itertools
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +24,20 @@ import pytest
 import torch
 from flwr.app import Context, Error, Message, MessageType, RecordDict
 from flwr.cli.config_utils import load_and_validate
+from flwr.common.config import flatten_dict, parse_config_args
 from flwr.common.constant import ErrorCode
 from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import load_file
 
+from fedlora.cli import main
 from fedlora.data.samples import DOLLY_SAMPLE
 from fedlora.federated import ClientApp, RunConfig, build_config, train
-from fedlora.flower import FlowerSettings, run_flower, write_app
+from fedlora.federated.build import build_client
+from fedlora.federated.storage import RunDir
+from fedlora.flower import FlowerSettings, write_app
 from fedlora.flower.client_app import app as client_app
 from fedlora.flower.config import app_run_config, from_run_config, to_run_config
-from fedlora.flower.node import build_adapter, load_node
+from fedlora.flower.node import load_node
 from fedlora.flower.server_app import serve
 from tests.tiny import save_tiny_model
 
@@ -61,26 +63,26 @@ def data_file(tmp_path_factory) -> Path:
     return path
 
 
+TINY = [  # 2 clients (IID halves of the data file), 2 rounds of one local and one global step, evaluated after round 2
+    "data.partition=iid",
+    "data.num_clients=2",
+    "data.min_examples=8",
+    "data.max_length=48",
+    "data.global_test_size=4",
+    "adapter.r=4",
+    "client.batch_size=4",
+    "client.local_steps=1",
+    "client.global_steps=1",
+    "rounds=2",
+    "eval.every=2",
+    "eval.rouge_examples=0",
+]
+
+
 def tiny_config(model_dir: Path, data_file: Path, output_dir: Path, *overrides: str) -> RunConfig:
-    """2 clients (IID halves of the data file), 2 rounds of one local and one global step, evaluated after round 2."""
-    base = [
-        f"model.name={model_dir}",
-        f"data.path={data_file}",
-        "data.partition=iid",
-        "data.num_clients=2",
-        "data.min_examples=8",
-        "data.max_length=48",
-        "data.global_test_size=4",
-        "adapter.r=4",
-        "client.batch_size=4",
-        "client.local_steps=1",
-        "client.global_steps=1",
-        "rounds=2",
-        "eval.every=2",
-        "eval.rouge_examples=0",
-        f"output_dir={output_dir}",
-    ]
-    return build_config({}, [*base, *overrides])
+    """The :data:`TINY` run of the tiny model on the data file."""
+    where = [f"model.name={model_dir}", f"data.path={data_file}", f"output_dir={output_dir}"]
+    return build_config({}, [*where, *TINY, *overrides])
 
 
 @pytest.fixture
@@ -97,19 +99,19 @@ def reference(model_dir, data_file, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def roles(model_dir, data_file, tmp_path_factory) -> dict[str, list[str]]:
     """The adapter's tensor names by role (shared: the directions, personal: the magnitudes)."""
-    return build_adapter(tiny_config(model_dir, data_file, tmp_path_factory.mktemp("unused"))).names
+    return build_client(tiny_config(model_dir, data_file, tmp_path_factory.mktemp("unused"))).names
 
 
 def adapter_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "global_adapter/adapter_model.safetensors")
 
 
-def assert_same_run(got: Path, expected: Path) -> None:
+def assert_same_run(got: Path, expected: Path, tolerance: Mapping[str, float] = TOLERANCE) -> None:
     """The same global adapter (to a tight tolerance) and the same per-client evaluation losses."""
     got_tensors, expected_tensors = adapter_tensors(got), adapter_tensors(expected)
     assert set(got_tensors) == set(expected_tensors)
     for name, value in expected_tensors.items():
-        torch.testing.assert_close(got_tensors[name], value, **TOLERANCE, msg=name)
+        torch.testing.assert_close(got_tensors[name], value, **tolerance, msg=name)
     got_rows, expected_rows = eval_rows(got), eval_rows(expected)
     assert (
         set(got_rows) == set(expected_rows) == {(s, c) for s in ("global", "local") for c in ("client_0", "client_1")}
@@ -186,6 +188,9 @@ class LocalGrid:
     def pull_messages(self, message_ids) -> list[Message]:
         return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
 
+    def send_and_receive(self, messages, *, timeout: float | None = None) -> list[Message]:
+        return self.pull_messages(self.push_messages(messages))
+
 
 def _through_the_wire(msg: Message) -> Message:
     children = {child.object_id: child for child in msg.children.values()} if msg.children else None
@@ -195,10 +200,11 @@ def _through_the_wire(msg: Message) -> Message:
 
 
 @pytest.fixture
-def serve_locally(monkeypatch):
+def serve_locally(monkeypatch, tmp_path):
     """``serve_locally(config, settings, node_configs)`` runs the Flower ServerApp over a :class:`LocalGrid`."""
     for name in ("_run_id", "_node_id", "_task_id"):  # the identity of the process that creates messages
         monkeypatch.setattr(TaskIdentity, name, 1)
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flower-home"))  # where the nodes keep their states
 
     def run(
         config: RunConfig, settings: FlowerSettings, node_configs: list[dict[str, Any]], lost: Collection[int] = ()
@@ -230,7 +236,7 @@ def test_dp_clips_the_update_of_the_shared_tensors(settings, make_config, serve_
     """With the noise switched off, every DP mode bounds the change of the global directions by the clipping
     norm (the update of each client is clipped to it, so their average is too); magnitudes are untouched."""
     config = make_config("dp", "rounds=1")
-    initial = build_adapter(config).snapshot(roles["shared"] + roles["personal"])
+    initial = build_client(config).snapshot(roles["shared"] + roles["personal"])
     run_dir = serve_locally(config, settings, PARTITIONS)
     final = adapter_tensors(run_dir)
     initial = {name.replace(".default", ""): value for name, value in initial.items()}
@@ -315,164 +321,159 @@ def test_run_config_round_trip_and_app(make_config, tmp_path):
     run_config = to_run_config(config, settings)
     assert set(run_config) == set(app_run_config())  # every key can be overridden with `flwr run --run-config`
     assert from_run_config(run_config) == (config, settings)
-    changed, _ = from_run_config({**run_config, "fedlora-set": "rounds=5 client.local_lr=0.5"})
-    assert (changed.rounds, changed.client.local_lr) == (5, 0.5)
+    changed, _ = from_run_config({**run_config, "rounds": 5, "client.local_lr": "0.5", "data.num_clients": "none"})
+    assert (changed.rounds, changed.client.local_lr, changed.data.num_clients) == (5, 0.5, None)
+    flat = parse_config_args(['rounds=3 client.local_lr=0.01 adapter.tensor_roles=\'{"A.magnitude": "shared"}\''])
+    changed, _ = from_run_config({**run_config, **flat})  # `flwr run --run-config` keys, as Flower parses them
+    assert (changed.rounds, changed.client.local_lr, changed.adapter.tensor_roles) == (
+        3,
+        0.01,
+        {"A.magnitude": "shared"},
+    )
     with pytest.raises(ValueError, match="dp must be one of"):
         FlowerSettings.from_run_config({"dp": "gaussian"})
     pyproject, warnings = load_and_validate(write_app(tmp_path / "app") / "pyproject.toml")
     assert not warnings
-    assert pyproject["tool"]["flwr"]["app"]["config"] == app_run_config()
+    assert flatten_dict(pyproject["tool"]["flwr"]["app"]["config"]) == app_run_config()  # as Flower reads it
+
+
+def test_a_resumed_flower_run_continues_from_the_checkpoint(reference, make_config, serve_locally, tmp_path):
+    """Round 1, then ``resume`` with new SuperNode processes (fresh ``context.state``; the nodes read their clients'
+    states from disk): the in-process run's adapter."""
+    nodes = [{**node, "state-dir": str(tmp_path / "nodes")} for node in PARTITIONS]
+    run_dir = serve_locally(make_config("resumed", "rounds=1"), FlowerSettings(), nodes)
+    assert json.loads((run_dir / "checkpoint/state.json").read_text())["client_rounds"] == {
+        "client_0": 1,
+        "client_1": 1,
+    }
+    assert serve_locally(make_config("resumed"), FlowerSettings(resume=True), nodes) == run_dir
+    assert_same_run(run_dir, reference)
+    assert sorted(p.name for p in (tmp_path / "nodes").glob("*/client_0/*")) == ["round-1", "round-2"]
 
 
 # ------------------------------------------------------------------------------------------------- real processes
+#
+# `fedlora train --engine flower` starts a SuperLink and one SuperNode per client as processes of their own.
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def flower_argv(model_dir: Path, data_file: Path, out: Path) -> list[str]:
+    """``fedlora train --engine flower`` of the tiny configuration, with server.min_clients=2 (a round that loses a
+    node fails, and is retried on resume)."""
+    where = ["--model", str(model_dir), "--data", str(data_file), "--output-dir", str(out)]
+    settings = ["--set", *TINY, "server.min_clients=2", "round-timeout=120"]
+    return ["train", "--engine", "flower", *where, "--no-progress", *settings]
 
 
-def wait_for_port(port: int, process: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{process.args[0]} exited with {process.returncode}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise TimeoutError(f"nothing listens on port {port} after {timeout} s")
-
-
-class ProcessGroup:
-    """Processes started in sessions of their own; :meth:`stop` ends each one's whole process group (the SuperExec
-    and ClientApp/ServerApp processes they spawn included): SIGTERM, then SIGKILL after a grace period."""
-
-    def __init__(self, directory: Path, env: dict[str, str]) -> None:
-        self.directory, self.env = directory, env
-        self.processes: list[subprocess.Popen] = []
-        directory.mkdir(parents=True, exist_ok=True)
-
-    def start(self, name: str, command: str, *args: str) -> subprocess.Popen:
-        """Start the environment's ``command`` with its own Flower home; output goes to ``<name>.log``."""
-        env = {**self.env, "FLWR_HOME": str(self.directory / f"{name}-home")}
-        executable = str(Path(sys.executable).with_name(command))
-        with (self.directory / f"{name}.log").open("w") as log:
-            process = subprocess.Popen(
-                [executable, *args], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        self.processes.append(process)
-        return process
-
-    def stop(self, grace: float = 5.0) -> None:
-        for process in self.processes:
-            _signal_group(process, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        for process in self.processes:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            _signal_group(process, signal.SIGKILL)  # whatever is left in the group
-            process.wait()
-
-    def tail(self, lines: int = 40) -> str:
-        logs = sorted(self.directory.glob("*.log"))
-        return "\n".join(f"--- {log.name}\n" + "\n".join(log.read_text().splitlines()[-lines:]) for log in logs)
-
-
-def _signal_group(process: subprocess.Popen, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, sig)
-
-
-@pytest.fixture
-def federation(tmp_path, monkeypatch) -> Iterator[tuple[str, list[Path], list[subprocess.Popen]]]:
-    """A SuperLink and two SuperNodes (partitions 0 and 1) on 127.0.0.1, on free ports; yields the SuperLink's
-    address, the nodes' wire logs and their processes. All processes are stopped afterwards, pass or fail (their
-    logs are printed, which pytest shows for a failed test)."""
-    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")  # also for the `flwr` commands run_flower runs
-    monkeypatch.setenv("FLWR_DISABLE_UPDATE_CHECK", "1")
-    env = {
+def fedlora_env() -> dict[str, str]:
+    return {
         **os.environ,
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
         "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2",
         "OMP_NUM_THREADS": "1",  # both nodes train at once
         "TOKENIZERS_PARALLELISM": "false",
         "HF_HUB_OFFLINE": "1",
-        # SuperNodes start flwr-clientapp from PATH; CI runs .venv/bin/python without activating the venv.
-        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
     }
-    group = ProcessGroup(tmp_path / "processes", env)
-    port = free_port()
-    wires = [tmp_path / f"wire-{i}.jsonl" for i in range(2)]
-    try:
-        superlink = group.start(
-            "superlink",
-            "flower-superlink",
-            "--insecure",
-            "--port",
-            str(port),
-            "--disable-runtime-dependency-installation",
-        )
-        wait_for_port(port, superlink, timeout=60)
-        nodes = [
-            group.start(
-                f"supernode-{i}",
-                "flower-supernode",
-                "--insecure",
-                "--superlink",
-                f"127.0.0.1:{port}",
-                "--port",
-                str(free_port()),
-                "--node-config",
-                f'partition-id={i} num-partitions=2 wire-log="{wire}"',
-            )
-            for i, wire in enumerate(wires)
-        ]
-        yield f"127.0.0.1:{port}", wires, nodes
-    finally:
-        group.stop()
-        print(group.tail())
 
 
-def test_superlink_and_supernodes_give_the_in_process_run(federation, reference, make_config, roles):
-    address, wires, _ = federation
-    config = make_config("flower")
-    run_dir = run_flower(config, address, timeout=FLOWER_TIMEOUT)
-    assert run_dir == Path(config.output_dir)
-    assert_same_run(run_dir, reference)  # directions trained and averaged; magnitudes at their initial values
-    for wire in wires:
-        assert_only_shared_tensors_on_the_wire(wire, roles)
+@pytest.fixture(scope="module")
+def flower_run(model_dir, data_file, tmp_path_factory) -> Path:
+    """An uninterrupted ``fedlora train --engine flower`` run of the tiny configuration."""
+    out = tmp_path_factory.mktemp("flower") / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in fedlora_env().items():
+            patch.setenv(key, value)
+        assert main(flower_argv(model_dir, data_file, out)) == 0
+    return out
 
 
-def kill_when_training(node: subprocess.Popen, wire: Path, killed: threading.Event) -> None:
-    """SIGKILL ``node``'s process group (the SuperNode and its ClientApp) once its wire log shows a train message
-    received and no reply sent yet."""
-    while node.poll() is None:
-        entries = [json.loads(line) for line in wire.read_text().splitlines()] if wire.exists() else []
-        if [(e["type"], e["direction"]) for e in entries if e["type"] == "train"] == [("train", "in")]:
-            _signal_group(node, signal.SIGKILL)
-            killed.set()
-            return
-        time.sleep(0.02)
+def test_engine_flower_gives_the_in_process_run(flower_run, reference):
+    assert_same_run(flower_run, reference)  # directions trained and averaged; magnitudes at their initial values
+    assert sorted(p.name for p in flower_run.glob("nodes/*/*/round-*")) == sorted(["round-1", "round-2"] * 2)
+
+
+def processes() -> dict[int, tuple[int, str]]:
+    """Every process of this machine: pid -> (parent pid, command line)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            parent = int((entry / "stat").read_text().rpartition(")")[2].split()[1])
+            found[int(entry.name)] = (parent, (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+    return found
+
+
+def descendants(pid: int) -> list[int]:
+    table, found, frontier = processes(), [], [pid]
+    while frontier:
+        children = [child for child, (parent, _) in table.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and every process under it."""
+    for victim in [pid, *descendants(pid)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim, signal.SIGKILL)
+
+
+def alive(pid: int) -> bool:
+    with contextlib.suppress(OSError):
+        return (Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]) != "Z"
+    return False
+
+
+def wait_until(condition, process: subprocess.Popen, timeout: float = FLOWER_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, f"fedlora exited with {process.returncode} before the kill"
+        assert time.monotonic() < deadline, "timed out waiting for the moment to kill"
+        time.sleep(0.05)
+
+
+def committed(out: Path) -> int:
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads((out / "checkpoint/state.json").read_text())["round"]
+    return 0
 
 
 @pytest.mark.fault
-def test_a_supernode_killed_mid_round_is_left_out(federation, without_client_1, make_config):
-    """``kill -9`` of SuperNode 1 while it trains in round 1: with server.min_clients=1 both rounds aggregate node
-    0 alone, as the in-process engine does when client_1's fit raises, and the failure is in metrics.jsonl."""
-    address, wires, nodes = federation
-    killed = threading.Event()
-    killer = threading.Thread(target=kill_when_training, args=(nodes[1], wires[1], killed), daemon=True)
-    killer.start()
-    settings = FlowerSettings(min_nodes=2, round_timeout=120.0)  # a ClientApp starts slowly; the lost node ends it
-    run_dir = run_flower(make_config("killed"), address, settings=settings, timeout=FLOWER_TIMEOUT)
-    assert killed.is_set()
-    assert not [line for line in wires[1].read_text().splitlines() if '"out"' in line and '"train"' in line]
-    got, expected = adapter_tensors(run_dir), adapter_tensors(without_client_1)
-    for name, value in expected.items():
-        torch.testing.assert_close(got[name], value, **TOLERANCE, msg=name)
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [(row["round"], row["client"]) for row in rows if row.get("status") == "failed"] == [
-        (1, "client_1"),
-        (2, "client_1"),
-    ]
+def test_kill_9_of_a_supernode_and_of_the_server_then_resume(flower_run, model_dir, data_file, tmp_path):
+    """``kill -9`` of SuperNode 1 while round 2 runs: the round fails (server.min_clients=2) and the launcher stops
+    everything it started. ``--resume`` starts new nodes, which read their clients' round-1 states from disk;
+    ``kill -9`` of the whole server side (fedlora, the SuperLink, its ServerApp and the nodes) once node 0 has
+    trained round 2 again; ``--resume`` once more: the uninterrupted run's adapter, metrics and node states."""
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "fedlora.cli", *flower_argv(model_dir, data_file, out)]
+    log = (tmp_path / "fedlora.log").open("w")
+    run = subprocess.Popen(argv, env=fedlora_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_until(lambda: committed(out) == 1, run)
+        (node_1,) = [pid for pid in descendants(run.pid) if "partition-id=1" in processes()[pid][1]]
+        launched = descendants(run.pid)
+        kill_tree(node_1)
+        assert run.wait(timeout=FLOWER_TIMEOUT) == 1
+        assert not [pid for pid in launched if alive(pid)]  # the launcher stopped what it started
+        round_2 = next(out.glob("nodes/*/client_0/round-2")).stat().st_ino  # node 0 trained round 2
+
+        resume = [*argv[:3], "train", "--engine", "flower", "--output-dir", str(out), "--resume", "--no-progress"]
+        resume += ["--set", "round-timeout=120"]
+        run = subprocess.Popen(resume, env=fedlora_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        retrained = lambda: next(out.glob("nodes/*/client_0/round-2")).stat().st_ino != round_2  # noqa: E731
+        wait_until(retrained, run)
+        everything = [run.pid, *descendants(run.pid)]
+        for pid in everything:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        run.wait()
+        assert committed(out) == 1
+
+        run = subprocess.Popen(resume, env=fedlora_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        assert run.wait(timeout=FLOWER_TIMEOUT) == 0
+    finally:
+        kill_tree(run.pid)
+        log.close()
+        print((tmp_path / "fedlora.log").read_text()[-6000:])
+    assert_same_run(out, flower_run, tolerance={"rtol": 0, "atol": 0})
+    assert RunDir(out).read_metrics() == RunDir(flower_run).read_metrics()

@@ -357,7 +357,7 @@ def save_config(config: RunConfig, path: str | Path) -> None:
 
 def config_differences(a: RunConfig, b: RunConfig) -> list[str]:
     """The dotted keys whose values differ between two configurations."""
-    leaves_a, leaves_b = _leaves(a), _leaves(b)
+    leaves_a, leaves_b = config_leaves(a), config_leaves(b)
     return sorted(key for key in leaves_a if leaves_a[key] != leaves_b[key])
 
 
@@ -367,7 +367,7 @@ def _sections(config: RunConfig) -> list[tuple[Any, str]]:
     return [(config, "")] + [(section, prefix) for section, prefix in nested if is_dataclass(section)]
 
 
-def _leaves(config: RunConfig) -> dict[str, Any]:
+def config_leaves(config: RunConfig) -> dict[str, Any]:
     """Every setting by dotted key."""
     return {
         prefix + f.name: getattr(section, f.name)

@@ -88,6 +88,7 @@ class Checkpoint:
     client_rounds: dict[str, int]  # client id -> last round it trained in (clients that trained at all)
     metrics_bytes: int
     rng: dict[str, Any]
+    clients_keep_states: bool = False  # the clients keep their states (Flower's SuperNodes), not clients/
 
 
 class RunDir:
@@ -161,11 +162,7 @@ class RunDir:
         ``trained`` lists the clients whose personal state changed; strategies without personal tensors pass none.
         """
         for client in trained:
-            with atomic_dir(self.client_dir(self.clients_pending, client.client_id)) as tmp:
-                save_file(client.personal, tmp / _PERSONAL)
-                torch.save(client.optimizer_state, tmp / _OPTIMIZER)
-                (tmp / _STATE).write_text(json.dumps({"round": client.last_round, "client": client.client_id}))
-                _write_manifest(tmp)
+            save_client_state(client, self.client_dir(self.clients_pending, client.client_id))
         with atomic_dir(self.inside(self.checkpoint_pending)) as tmp:
             save_file(checkpoint.global_tensors, tmp / "global.safetensors")
             save_file(checkpoint.server_optimizer, tmp / "server_optimizer.safetensors")
@@ -175,6 +172,7 @@ class RunDir:
                 "client_rounds": checkpoint.client_rounds,
                 "metrics_bytes": checkpoint.metrics_bytes,
                 "metrics_sha256": _sha256(self.metrics, checkpoint.metrics_bytes),
+                "clients_keep_states": checkpoint.clients_keep_states,
             }
             (tmp / _STATE).write_text(json.dumps(state, indent=2))
             _write_manifest(tmp)
@@ -226,8 +224,7 @@ class RunDir:
     def load_client(self, client_id: str, last_round: int) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
         """A client's saved personal tensors and local optimizer state after it trained in ``last_round``
         (verified against its manifest)."""
-        directory = self._client_state(client_id, last_round)
-        return load_file(directory / _PERSONAL), torch.load(directory / _OPTIMIZER, weights_only=True)
+        return load_client_state(self._client_state(client_id, last_round))
 
     def _finish_commit(self) -> None:
         """Step 4: rotate a pending checkpoint in, then the pending client states of a committed round; drop
@@ -274,7 +271,10 @@ class RunDir:
             raise CheckpointError(f"{self.metrics} is truncated: {held} bytes, but {directory} recorded {size}")
         if _sha256(self.metrics, size) != digest:
             raise CheckpointError(f"{self.metrics}: its first {size} bytes do not match the SHA-256 in {directory}")
-        client_dirs = {cid: self._client_state(cid, last) for cid, last in state["client_rounds"].items()}
+        kept = state.get("clients_keep_states", False)
+        client_dirs = (
+            {} if kept else {cid: self._client_state(cid, last) for cid, last in state["client_rounds"].items()}
+        )
         checkpoint = Checkpoint(
             round=state["round"],
             global_tensors=load_file(directory / "global.safetensors"),
@@ -282,6 +282,7 @@ class RunDir:
             client_rounds=state["client_rounds"],
             metrics_bytes=size,
             rng=torch.load(directory / "rng.pt", weights_only=True),
+            clients_keep_states=kept,
         )
         return _Intact(checkpoint, directory, client_dirs)
 
@@ -310,6 +311,56 @@ class _Intact:
     checkpoint: Checkpoint
     directory: Path
     client_dirs: dict[str, Path]
+
+
+def save_client_state(state: ClientState, path: Path) -> None:
+    """Write ``state`` (personal tensors, local optimizer state, last round, client id) as the directory ``path``,
+    with its manifest, atomically."""
+    with atomic_dir(path) as tmp:
+        save_file(state.personal, tmp / _PERSONAL)
+        torch.save(state.optimizer_state, tmp / _OPTIMIZER)
+        (tmp / _STATE).write_text(json.dumps({"round": state.last_round, "client": state.client_id}))
+        _write_manifest(tmp)
+
+
+def load_client_state(directory: Path) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
+    """The personal tensors and local optimizer state :func:`save_client_state` wrote to ``directory`` (verified
+    against its manifest: a :class:`CheckpointError` names what is damaged)."""
+    _verify(directory)
+    return load_file(directory / _PERSONAL), torch.load(directory / _OPTIMIZER, weights_only=True)
+
+
+class ClientRounds:
+    """One client's states by round in a directory of its own, as a SuperNode keeps them: ``round-<k>/`` holds
+    the state after round k (see :func:`save_client_state`). The newest :data:`KEPT` are kept: the new one and
+    the ones the server's two checkpoints (``checkpoint/`` and its fallback) can refer to."""
+
+    KEPT = 3
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def save(self, state: ClientState) -> None:
+        """Keep ``state`` as of ``state.last_round`` (replacing a state of that round), then drop older ones."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        save_client_state(state, self.path / f"round-{state.last_round}")
+        for old in self.rounds()[: -self.KEPT]:
+            _remove(self.path / f"round-{old}")
+
+    def load(self, state: ClientState, round_: int) -> None:
+        """Put the state after ``round_`` into ``state`` (round 0: leave its initial state); a
+        :class:`CheckpointError` when it is missing or damaged."""
+        if round_ == 0:
+            return
+        directory = self.path / f"round-{round_}"
+        if not directory.is_dir():
+            raise CheckpointError(f"{directory} is missing: this node kept no state of round {round_}")
+        state.personal, state.optimizer_state = load_client_state(directory)
+        state.last_round = round_
+
+    def rounds(self) -> list[int]:
+        """The rounds whose states are kept, oldest first."""
+        return sorted(int(name.removeprefix("round-")) for name in _names(self.path) if name.startswith("round-"))
 
 
 def _rotate(pending: Path, current: Path, prev: Path) -> None:

@@ -1,12 +1,13 @@
 """The Flower ClientApp: one SuperNode's client, running fedlora's :class:`~fedlora.federated.client.ClientApp`.
 
 A SuperNode starts a fresh ClientApp process for every message, so each handler builds the node (model, adapter,
-data; see :mod:`fedlora.flower.node`) and restores the client's state from ``context.state``:
+data; see :mod:`fedlora.flower.node`) and reads the client's state of the round the message names from the node's
+disk:
 
 * ``query``: reply the node's client id (the server maps nodes to clients with it);
 * ``train``: load the received shared tensors, run :meth:`ClientApp.fit <fedlora.federated.client.ClientApp.fit>`,
-  keep the personal tensors and local optimizer state in ``context.state``, reply the shared tensors and the
-  number of training examples;
+  write the new personal tensors and local optimizer state to the node's disk (atomically, before replying), reply
+  the shared tensors and the number of training examples;
 * ``evaluate``: score the received shared tensors with the node's personal tensors on its test split (and on the
   global test set, for partition nodes), reply the scores.
 
@@ -26,7 +27,6 @@ from flwr.clientapp.mod import LocalDpMod, fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 from torch import Tensor
 
-from fedlora.federated.client import ClientState
 from fedlora.federated.message import FitIns
 from fedlora.flower.config import from_run_config
 from fedlora.flower.node import Node, load_node
@@ -37,8 +37,7 @@ from fedlora.flower.records import (
     METRICS,
     NUM_EXAMPLES,
     ROUND,
-    load_client_state,
-    save_client_state,
+    STATE_ROUND,
     to_record,
     to_tensors,
 )
@@ -83,10 +82,12 @@ def query(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """Train the node's client for one round; reply its shared tensors (in the order received) and example count."""
     node = _node(context)
-    state = _state(node, context)
+    config = msg.content.config_records[CONFIG]
+    state = node.state(int(config[STATE_ROUND]))
     received = msg.content.array_records[ARRAYS]
-    result = node.app.fit(state, FitIns(int(msg.content.config_records[CONFIG][ROUND]), _shared(node, received)))
-    save_client_state(state, context.state)
+    result = node.app.fit(state, FitIns(int(config[ROUND]), _shared(node, received)))
+    if node.app.names["personal"]:  # else there is no state to keep
+        node.kept.save(state)
     arrays = to_record({name: result.tensors[name] for name in received})
     metrics = MetricRecord({NUM_EXAMPLES: result.num_examples, **result.metrics})
     return Message(RecordDict({ARRAYS: arrays, METRICS: metrics}), reply_to=msg)
@@ -99,7 +100,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     datasets = {"local": node.data.test}
     if node.global_test is not None:
         datasets["global"] = node.global_test
-    scores = node.app.evaluate(_state(node, context), _shared(node, msg.content.array_records[ARRAYS]), datasets)
+    state = node.state(int(msg.content.config_records[CONFIG][STATE_ROUND]))
+    scores = node.app.evaluate(state, _shared(node, msg.content.array_records[ARRAYS]), datasets)
     metrics = MetricRecord({f"{split}.{name}": value for split, row in scores.items() for name, value in row.items()})
     return Message(RecordDict({METRICS: metrics}), reply_to=msg)
 
@@ -107,12 +109,6 @@ def evaluate(msg: Message, context: Context) -> Message:
 def _node(context: Context) -> Node:
     config, _ = from_run_config(context.run_config)
     return load_node(config, context.node_config)
-
-
-def _state(node: Node, context: Context) -> ClientState:
-    state = node.app.new_state(node.data)
-    load_client_state(state, context.state)
-    return state
 
 
 def _shared(node: Node, record: ArrayRecord) -> dict[str, Tensor]:

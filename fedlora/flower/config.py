@@ -1,9 +1,12 @@
 """What a Flower run is configured with: the fedlora run configuration plus Flower-only settings, as run config.
 
 Flower hands the ServerApp and every ClientApp the same flat *run config* (``context.run_config``: the app's
-``[tool.flwr.app.config]`` table with ``flwr run --run-config`` overrides on top). fedlora's whole
-:class:`~fedlora.federated.config.RunConfig` travels in it as JSON (``fedlora-config``), optionally adjusted by
-``key=value`` overrides (``fedlora-set``); the remaining keys are :class:`FlowerSettings`.
+``[tool.flwr.app.config]`` table with ``flwr run --run-config`` overrides on top). Every setting of
+:class:`~fedlora.federated.config.RunConfig` is one key there, named as in ``fedlora train --set``
+(``rounds``, ``client.local_lr``, ``data.num_clients``); a value Flower cannot hold is a string that ``--set``
+would take (``none``, ``q_proj,v_proj``, a JSON object). The remaining keys are :class:`FlowerSettings`, in
+kebab-case (``min-nodes``, ``round-timeout``, ``dp``, ``resume``). So
+``flwr run APP CONNECTION --run-config "rounds=3 client.local_lr=0.01 round-timeout=600"`` works as expected.
 """
 
 from __future__ import annotations
@@ -15,11 +18,9 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from fedlora.federated.config import RunConfig, build_config
-from fedlora.federated.run import check_run_dir, default_output_dir
+from fedlora.federated.config import RunConfig, build_config, config_leaves
+from fedlora.federated.rundir import check_run_dir, default_output_dir
 
-CONFIG_KEY = "fedlora-config"  # the RunConfig as JSON ("" = the defaults)
-SET_KEY = "fedlora-set"  # whitespace-separated key=value overrides of it
 PRIVACY_MODES = ("none", "server-fixed", "client-fixed", "local")
 CENTRAL_DP = ("server-fixed", "client-fixed")
 
@@ -29,7 +30,8 @@ class FlowerSettings:
     """Settings of a Flower run that the in-process engine does not have (run-config keys in kebab-case).
 
     ``min_nodes``: SuperNodes to wait for before round 1 (0: ``data.num_clients``); ``node_timeout``: how long to
-    wait for them; ``round_timeout``: how long to wait for the replies of one round. ``dp`` adds differential
+    wait for them; ``round_timeout``: how long to wait for the replies of one round; ``resume``: continue the run
+    in ``output_dir`` from its checkpoint (as ``fedlora train --resume``). ``dp`` adds differential
     privacy to the shared tensors: ``server-fixed`` / ``client-fixed`` (central DP, Flower's
     ``DifferentialPrivacy{Server,Client}SideFixedClipping``: updates clipped to ``dp_clipping_norm`` on the
     server / on the nodes, Gaussian noise of std ``dp_noise_multiplier · dp_clipping_norm / sampled clients``
@@ -40,6 +42,7 @@ class FlowerSettings:
     min_nodes: int = 0
     node_timeout: float = 600.0
     round_timeout: float = 3600.0
+    resume: bool = False
     dp: Literal["none", "server-fixed", "client-fixed", "local"] = "none"
     dp_noise_multiplier: float = 1.0
     dp_clipping_norm: float = 1.0
@@ -66,12 +69,23 @@ class FlowerSettings:
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> FlowerSettings:
-        """The settings in a run config (absent keys keep their defaults); ints are accepted for floats."""
+        """The settings in a run config (absent keys keep their defaults); ints are accepted for floats, and
+        strings (``fedlora train --set``) for numbers and booleans."""
         values = {}
         for f in fields(cls):
-            if _key(f.name) in run_config:
-                value = run_config[_key(f.name)]
-                values[f.name] = float(value) if f.type == "float" else value
+            key = _key(f.name)
+            if key in run_config:
+                value = run_config[key]
+                try:
+                    if f.type in ("int", "float"):
+                        value = {"int": int, "float": float}[f.type](value)
+                    elif f.type == "bool" and isinstance(value, str):
+                        value = {"true": True, "false": False}[value.lower()]
+                except (KeyError, ValueError):
+                    raise ValueError(
+                        f"{key} must be a{'n' if f.type == 'int' else ''} {f.type}; got {value!r}"
+                    ) from None
+                values[f.name] = value
         return cls(**values)
 
     def min_nodes_for(self, config: RunConfig) -> int:
@@ -79,29 +93,32 @@ class FlowerSettings:
         return self.min_nodes or config.data.num_clients or 1
 
 
+def is_settings_key(key: str) -> bool:
+    """Whether ``key`` names one of the :class:`FlowerSettings` (else it is a run configuration key)."""
+    return key in {_key(f.name) for f in fields(FlowerSettings)}
+
+
 def to_run_config(config: RunConfig, settings: FlowerSettings) -> dict[str, Any]:
     """The run config that carries ``config`` and ``settings`` (what ``flwr run --run-config`` gets)."""
-    return {CONFIG_KEY: json.dumps(config.to_dict()), SET_KEY: "", **settings.to_run_config()}
+    return {**{key: _flat(value) for key, value in config_leaves(config).items()}, **settings.to_run_config()}
 
 
 def from_run_config(run_config: Mapping[str, Any]) -> tuple[RunConfig, FlowerSettings]:
     """The fedlora run configuration and the Flower settings in a run config."""
-    text = run_config.get(CONFIG_KEY, "")
-    values = json.loads(text) if text else {}
-    overrides = str(run_config.get(SET_KEY, "")).split()
-    return build_config(values, overrides), FlowerSettings.from_run_config(run_config)
+    overrides = {key: value for key, value in run_config.items() if not is_settings_key(key)}
+    return build_config({}, overrides), FlowerSettings.from_run_config(run_config)
 
 
 def app_run_config() -> dict[str, Any]:
     """The defaults of the Flower app's ``[tool.flwr.app.config]``: every key ``--run-config`` may override."""
-    return {CONFIG_KEY: "", SET_KEY: "", **FlowerSettings().to_run_config()}
+    return to_run_config(RunConfig(), FlowerSettings())
 
 
-def fresh_output_dir(config: RunConfig) -> RunConfig:
-    """``config`` with an absolute ``output_dir`` (a new timestamped one if unset) that a fresh run can use (see
-    :func:`~fedlora.federated.run.check_run_dir`)."""
+def run_output_dir(config: RunConfig, resume: bool) -> RunConfig:
+    """``config`` with an absolute ``output_dir`` (a new timestamped one if unset) that the run can use (see
+    :func:`~fedlora.federated.rundir.check_run_dir`)."""
     path = Path(config.output_dir or default_output_dir(config)).absolute()
-    return check_run_dir(replace(config, output_dir=str(path)), resume=False)
+    return check_run_dir(replace(config, output_dir=str(path)), resume)
 
 
 def toml_value(value: Any) -> str:
@@ -113,6 +130,17 @@ def toml_value(value: Any) -> str:
     if isinstance(value, int | float):
         return repr(value)
     return json.dumps(str(value))
+
+
+def _flat(value: Any) -> bool | int | float | str:
+    """A setting as a run-config value: scalars as they are, else the string ``--set`` takes."""
+    if value is None:
+        return "none"
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    if isinstance(value, dict):
+        return json.dumps(value)
+    return value
 
 
 def _key(name: str) -> str:

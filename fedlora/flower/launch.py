@@ -1,5 +1,7 @@
-"""Submit a fedlora run to a running Flower SuperLink: :func:`run_flower` (what ``fedlora train --engine flower``
-calls) and :func:`write_app` (the Flower app directory ``flwr run`` takes).
+"""Run fedlora on Flower's deployment engine: :func:`run_flower` submits a run to a SuperLink (what
+``fedlora train --engine flower --superlink HOST:PORT`` calls), :func:`local_federation` starts a SuperLink and one
+SuperNode per client on this machine (what ``fedlora train --engine flower`` alone uses), and :func:`write_app`
+writes the Flower app directory ``flwr run`` takes.
 
 The app directory holds only a ``pyproject.toml``: its components point at the installed
 :mod:`fedlora.flower.server_app` and :mod:`fedlora.flower.client_app`, so every machine needs fedlora installed
@@ -9,25 +11,36 @@ it for use with ``flwr run DIR``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from fedlora.federated.config import RunConfig
-from fedlora.flower.config import FlowerSettings, app_run_config, fresh_output_dir, to_run_config, toml_value
+from fedlora.flower.config import FlowerSettings, app_run_config, run_output_dir, to_run_config, toml_value
+from fedlora.flower.node import NUM_PARTITIONS, PARTITION_ID, STATE_DIR
 
 CONNECTION = "fedlora"
+
+
+class FlowerRunError(RuntimeError):
+    """A Flower run ended without completing (its ServerApp raised, or it was stopped); the run directory holds
+    the rounds it committed."""
+
+
 _APP_PYPROJECT = """\
 # The fedlora Flower app: `flwr run <this directory> <superlink connection> --run-config ...`.
-# fedlora-config: the whole fedlora run configuration as JSON ("" = the defaults);
-# fedlora-set: space-separated fedlora overrides, e.g. "rounds=3 client.local_lr=0.01";
-# the other keys are fedlora.flower.config.FlowerSettings (SuperNodes to wait for, timeouts, differential privacy).
+# Every fedlora setting is a key, named as in `fedlora train --set`, e.g. --run-config "rounds=3 client.local_lr=0.01";
+# the kebab-case keys are fedlora.flower.config.FlowerSettings (SuperNodes to wait for, timeouts, resume, DP).
 [build-system]
 requires = ["hatchling"]
 build-backend = "hatchling.build"
@@ -70,12 +83,14 @@ def run_flower(
     """Run ``config`` on the SuperNodes of the SuperLink at ``superlink`` (``host:port``); returns the run directory.
 
     The ServerApp runs on the SuperLink's machine and writes ``config.output_dir`` there (a fresh timestamped
-    directory if unset), so call this on that machine to read the results. Without ``root_certificates`` the
-    connection is insecure (no TLS). ``stream`` prints the run's log; after ``timeout`` seconds the run is stopped
-    and ``TimeoutError`` raised. A run that fails raises ``RuntimeError`` with Flower's reason.
+    directory if unset; with ``settings.resume`` the run to continue), so call this on that machine to read the
+    results. Without ``root_certificates`` the connection is insecure (no TLS). ``stream`` prints the run's log;
+    after ``timeout`` seconds the run is stopped and ``TimeoutError`` raised. A run that fails raises
+    :class:`FlowerRunError` with Flower's reason.
     """
-    config = fresh_output_dir(config)
-    run_config = to_run_config(config, settings or FlowerSettings())
+    settings = settings or FlowerSettings()
+    config = run_output_dir(config, settings.resume)
+    run_config = to_run_config(config, settings)
     with tempfile.TemporaryDirectory(prefix="fedlora-flower-") as tmp:
         app_dir = write_app(Path(tmp) / "app")
         overrides = Path(tmp) / "run-config.toml"
@@ -88,7 +103,6 @@ def run_flower(
                 [_flwr_executable(), "log", run_id, CONNECTION, "--stream"],
                 env=env,
                 stdout=None if stream else subprocess.DEVNULL,
-                check=True,
                 timeout=timeout,
             )
         except subprocess.TimeoutExpired:
@@ -96,8 +110,115 @@ def run_flower(
             raise TimeoutError(f"Flower run {run_id} did not finish within {timeout} s; it was stopped") from None
         (run,) = _flwr(["list", CONNECTION, "--run-id", run_id, "--format", "json"], env)["runs"]
     if run["status"] != "finished:completed":
-        raise RuntimeError(f"Flower run {run_id} ended {run['status']}: {run['status-details']}")
+        raise FlowerRunError(f"Flower run {run_id} ended {run['status']}: {run['status-details']}")
     return Path(config.output_dir)
+
+
+@contextlib.contextmanager
+def local_federation(config: RunConfig, *, stream: bool = True, startup_timeout: float = 120.0) -> Iterator[str]:
+    """A SuperLink and one SuperNode per client (partition N of ``data.num_clients``) on 127.0.0.1, on free ports,
+    each a process of its own; yields the SuperLink's address. The nodes keep their clients' states in
+    ``<output_dir>/nodes/``, so a resumed run finds them. On leaving (a finished run, an error, Ctrl-C) every
+    process they started is stopped: SIGTERM to their process group, SIGKILL after a grace period. Their logs
+    (``superlink.log``, ``supernode-N.log``) are printed when the block fails, unless ``stream`` is off."""
+    if config.data.num_clients is None:
+        raise ValueError("data.num_clients (--num-clients): --engine flower starts one SuperNode per client")
+    with tempfile.TemporaryDirectory(prefix="fedlora-flower-") as tmp, _Processes(Path(tmp)) as processes:
+        port = _free_port()
+        superlink = processes.start(
+            "superlink",
+            ["flower-superlink", "--insecure", "--port", str(port), "--disable-runtime-dependency-installation"],
+        )
+        _wait_for_port(port, superlink, startup_timeout)
+        state_dir = Path(str(config.output_dir)).absolute() / "nodes"
+        count = config.data.num_clients
+        for index in range(count):
+            node_config = f"{PARTITION_ID}={index} {NUM_PARTITIONS}={count} {STATE_DIR}={json.dumps(str(state_dir))}"
+            args = ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}", "--port", str(_free_port())]
+            processes.start(f"supernode-{index}", [*args, "--node-config", node_config])
+        try:
+            yield f"127.0.0.1:{port}"
+        except BaseException:
+            if stream:
+                print(processes.tail(), file=sys.stderr)
+            raise
+
+
+class _Processes:
+    """Processes started in one process group of their own (so Ctrl-C at the terminal reaches only the caller,
+    which stops them all) with logs and Flower homes in ``directory``."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.processes: list[subprocess.Popen] = []
+
+    def __enter__(self) -> _Processes:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self, name: str, command: Sequence[str]) -> subprocess.Popen:
+        """Start ``command`` (a script of this Python environment) with its own Flower home; output to ``<name>.log``."""
+        group = self.processes[0].pid if self.processes else 0
+        env = {
+            **os.environ,
+            "FLWR_HOME": str(self.directory / f"{name}-home"),
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+        }
+        executable = shutil.which(command[0], path=env["PATH"]) or command[0]
+        with (self.directory / f"{name}.log").open("w") as log:
+            process = subprocess.Popen(
+                [executable, *command[1:]],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=lambda: os.setpgid(0, group),  # the first one leads the group
+            )
+        self.processes.append(process)
+        return process
+
+    def stop(self, grace: float = 10.0) -> None:
+        if not self.processes:
+            return
+        group = self.processes[0].pid
+        _signal_group(group, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for process in self.processes:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        _signal_group(group, signal.SIGKILL)  # whatever is left, their children included
+        for process in self.processes:
+            process.wait()
+
+    def tail(self, lines: int = 30) -> str:
+        logs = sorted(self.directory.glob("*.log"))
+        return "\n".join(f"--- {log.name}\n" + "\n".join(log.read_text().splitlines()[-lines:]) for log in logs)
+
+
+def _signal_group(group: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(group, sig)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_port(port: int, process: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args[0]} exited with status {process.returncode} before it listened")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"the SuperLink did not listen on port {port} within {timeout:.0f} s")
 
 
 def _flower_home(home: Path, superlink: str, root_certificates: str | Path | None) -> Path:

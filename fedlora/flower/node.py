@@ -1,77 +1,82 @@
-"""What a Flower process builds from the run configuration: the adapted model, and on a SuperNode its client's data.
+"""What a SuperNode builds from the run configuration: its client's trainer, data and kept states.
 
-The server and every node build the same freshly initialised adapter (seeded by ``config.seed`` right before the
-adapter is added, as :func:`fedlora.federated.run.build_federation` does), so the personal and frozen tensors
-start from the same values everywhere and the shared tensors come from the server. A node's data is either its
-partition of the run's dataset (node config ``partition-id``, split with the run's partitioner and seed, so
-partition N is the in-process engine's client N) or a private file only that node has (``data-path``, in the
-run's ``data.source`` format, one client named ``client-id`` or the file's stem).
+Every node builds its trainer with :func:`fedlora.federated.build.build_client`, as the in-process engine and the
+ServerApp do, so the personal and frozen tensors start from the same values everywhere and the shared tensors
+come from the server. A node's data is either its partition of the run's dataset (node config ``partition-id``,
+split with the run's partitioner and seed, so partition N is the in-process engine's client N) or a private file
+only that node has (``data-path``, in the run's ``data.source`` format, one client named ``client-id`` or the
+file's stem).
+
+The client's state after each round it trains (personal tensors, local optimizer state) is written to the node's
+disk, atomically, under ``<state-dir>/<run>/<client>/round-<k>/`` (:class:`~fedlora.federated.storage.ClientRounds`;
+``state-dir`` defaults to ``fedlora-state`` in the SuperNode's Flower home, ``<run>`` is named after the run's
+``output_dir``), so a node that is killed and restarted with the same data continues with its own state: the server
+names the round of the state to train or be scored from in every message.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
-import torch
 from datasets import Dataset
-from peft import get_peft_model
-from transformers import set_seed
 
 from fedlora.data import ClientData, build_federated_data
-from fedlora.federated.client import ClientApp
+from fedlora.federated.build import build_client, data_config
+from fedlora.federated.client import ClientApp, ClientState
 from fedlora.federated.config import RunConfig
-from fedlora.federated.run import data_config
-from fedlora.federated.strategy import STRATEGIES
-from fedlora.models import load_model_and_tokenizer
+from fedlora.federated.paths import client_dir_name
+from fedlora.federated.storage import ClientRounds
 
 PARTITION_ID, NUM_PARTITIONS = "partition-id", "num-partitions"
-DATA_PATH, CLIENT_ID, MODEL_PATH = "data-path", "client-id", "model-path"
+DATA_PATH, CLIENT_ID, MODEL_PATH, STATE_DIR = "data-path", "client-id", "model-path", "state-dir"
 
 
 @dataclass
 class Node:
-    """One SuperNode's client: the client app (model + adapter), its data, and the global test set if it has one."""
+    """One SuperNode's client: the client app (model + adapter), its data, the global test set if it has one, and
+    where its states are kept."""
 
     app: ClientApp
     data: ClientData
     global_test: Dataset | None
+    kept: ClientRounds
 
-
-def build_adapter(config: RunConfig, model_path: str | None = None) -> ClientApp:
-    """The base model (``model_path`` or ``config.model.name``) with the strategy's seeded initial adapter."""
-    dtype = getattr(torch, config.model.dtype) if config.model.dtype else None
-    model, tokenizer = load_model_and_tokenizer(model_path or config.model.name, device=config.device, dtype=dtype)
-    strategy = STRATEGIES[config.strategy].with_roles(config.adapter.tensor_roles)
-    set_seed(config.seed)
-    peft_model = get_peft_model(model, strategy.peft_config(config.adapter))
-    return ClientApp(
-        peft_model,
-        tokenizer,
-        strategy,
-        config.client,
-        config.eval,
-        max_length=config.data.max_length,
-        seed=config.seed,
-        progress=False,
-    )
+    def state(self, round_: int) -> ClientState:
+        """The client's state after ``round_`` (0: its initial state), read from the node's disk."""
+        state = self.app.new_state(self.data)
+        self.kept.load(state, round_)
+        return state
 
 
 def load_node(config: RunConfig, node_config: Mapping[str, Any]) -> Node:
     """The client of the SuperNode started with ``node_config`` (``--node-config``)."""
-    app = build_adapter(config, node_config.get(MODEL_PATH))
+    app = build_client(config, model_path=node_config.get(MODEL_PATH), progress=False)
     if DATA_PATH in node_config:
         files = replace(data_config(config), path=[str(node_config[DATA_PATH])], partition="files", num_clients=None)
         (client,) = build_federated_data(files, app.tokenizer).clients
-        client_id = str(node_config.get(CLIENT_ID, client.client_id))
-        return Node(app, ClientData(client_id, client.train, client.test), None)
-    if PARTITION_ID not in node_config:
+        data, global_test = (
+            ClientData(str(node_config.get(CLIENT_ID, client.client_id)), client.train, client.test),
+            None,
+        )
+    elif PARTITION_ID in node_config:
+        federated = build_federated_data(data_config(config), app.tokenizer)
+        count, partition = len(federated.clients), int(node_config[PARTITION_ID])
+        if node_config.get(NUM_PARTITIONS, count) != count:
+            raise ValueError(f"{NUM_PARTITIONS}={node_config[NUM_PARTITIONS]} but the run's data has {count} clients")
+        if not 0 <= partition < count:
+            raise ValueError(f"{PARTITION_ID}={partition} is not in [0, {count}) (the run's data has {count} clients)")
+        data, global_test = federated.clients[partition], federated.global_test
+    else:
         raise ValueError(f'a SuperNode needs --node-config with {PARTITION_ID}=N or {DATA_PATH}="FILE"')
-    data = build_federated_data(data_config(config), app.tokenizer)
-    count, partition = len(data.clients), int(node_config[PARTITION_ID])
-    if node_config.get(NUM_PARTITIONS, count) != count:
-        raise ValueError(f"{NUM_PARTITIONS}={node_config[NUM_PARTITIONS]} but the run's data has {count} clients")
-    if not 0 <= partition < count:
-        raise ValueError(f"{PARTITION_ID}={partition} is not in [0, {count}) (the run's data has {count} clients)")
-    return Node(app, data.clients[partition], data.global_test)
+    return Node(app, data, global_test, ClientRounds(state_dir(config, node_config, data.client_id)))
+
+
+def state_dir(config: RunConfig, node_config: Mapping[str, Any], client_id: str) -> Path:
+    """Where the node keeps ``client_id``'s states for the run ``config``."""
+    home = Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr"))
+    root = Path(str(node_config.get(STATE_DIR, home / "fedlora-state")))
+    return root / client_dir_name(str(config.output_dir)) / client_dir_name(client_id)

@@ -25,26 +25,29 @@ from flwr.serverapp.strategy import (
 from fedlora.federated.config import RunConfig
 from fedlora.federated.message import FitRes, Rejection
 from fedlora.federated.report import summarize
+from fedlora.federated.rounds import RoundReplies
 from fedlora.federated.server import ServerApp
 from fedlora.flower.config import CENTRAL_DP, FlowerSettings
-from fedlora.flower.records import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, ROUND, to_record, to_tensors
+from fedlora.flower.records import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, ROUND, STATE_ROUND, to_record, to_tensors
 
 
 class FedLoraStrategy(Strategy):
     """Sends the shared tensors to the clients ``server`` samples and aggregates their replies with ``server``.
 
-    ``nodes`` maps client ids to node ids, in client order. After each ``aggregate_train`` / ``aggregate_evaluate``,
-    ``results`` holds the round's :class:`~fedlora.federated.message.FitRes` and ``scores`` the per-client
-    evaluation rows (``{"split", "client", <metric>: value}``, as the in-process engine writes them).
+    ``nodes`` maps client ids to node ids, in client order. Every message names the round of the state its client
+    starts from, ``client_rounds[client]`` (0: its initial state), which the caller sets before each
+    ``configure_*``. After each ``aggregate_train`` / ``aggregate_evaluate``, ``replies`` holds the round's
+    :class:`~fedlora.federated.rounds.RoundReplies` and ``scores`` the per-client evaluation rows
+    (``{"split", "client", <metric>: value}``, as the in-process engine writes them): Flower's strategy API returns
+    only records.
     """
 
     def __init__(self, server: ServerApp, nodes: Mapping[str, int]) -> None:
         self.server = server
         self.nodes = dict(nodes)
         self.clients = {node_id: client_id for client_id, node_id in nodes.items()}
-        self.results: list[FitRes] = []
-        self.rejected: list[Rejection] = []
-        self.failures: list[Rejection] = []
+        self.client_rounds: Mapping[str, int] = {}
+        self.replies = RoundReplies([], [], [])
         self.scores: list[dict[str, Any]] = []
         self._sent: list[Message] = []
 
@@ -66,16 +69,17 @@ class FedLoraStrategy(Strategy):
         count against ``server.min_clients`` (see :meth:`ServerApp.aggregate <fedlora.federated.server.ServerApp.
         aggregate>`, which raises when too few clients are left).
         """
-        good, self.failures = self._split_replies(replies, server_round, "failed")
-        self.results = []
+        good, failures = self._split_replies(replies, server_round, "failed")
+        results = []
         for client_id, reply in good:
             metrics = dict(reply.content.metric_records[METRICS])
             num_examples = int(metrics.pop(NUM_EXAMPLES))
             tensors = to_tensors(reply.content.array_records[ARRAYS])
-            self.results.append(FitRes(client_id, tensors, num_examples, metrics))
-        self.rejected = self.server.aggregate(self.results, server_round, failures=self.failures)
-        left_out = {client_id for client_id, _ in self.rejected}
-        accepted = [r for r in self.results if r.client_id not in left_out]
+            results.append(FitRes(client_id, tensors, num_examples, metrics))
+        rejected = self.server.aggregate(results, server_round, failures=failures)
+        self.replies = RoundReplies(results, rejected, failures)
+        left_out = {client_id for client_id, _ in rejected}
+        accepted = [r for r in results if r.client_id not in left_out]
         total = sum(r.num_examples for r in accepted)
         names = sorted({name for r in accepted for name in r.metrics})
         means = {n: sum(r.metrics.get(n, 0.0) * r.num_examples for r in accepted) / total for n in names}
@@ -109,9 +113,20 @@ class FedLoraStrategy(Strategy):
     def _messages(
         self, kind: str, server_round: int, arrays: ArrayRecord, config: ConfigRecord, client_ids: list[str]
     ) -> list[Message]:
-        content = RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord({**config, ROUND: server_round})})
         self._sent = [
-            Message(content, dst_node_id=self.nodes[cid], message_type=kind, group_id=str(server_round))
+            Message(
+                RecordDict(
+                    {
+                        ARRAYS: arrays,
+                        CONFIG: ConfigRecord(
+                            {**config, ROUND: server_round, STATE_ROUND: self.client_rounds.get(cid, 0)}
+                        ),
+                    }
+                ),
+                dst_node_id=self.nodes[cid],
+                message_type=kind,
+                group_id=str(server_round),
+            )
             for cid in client_ids
         ]
         return self._sent

@@ -1,0 +1,192 @@
+"""The round driver: the loop of a federated run, the same whichever engine reaches the clients.
+
+:func:`run_rounds` owns everything but the reaching: after round 0 (a fresh run's initial adapter, every client
+scored and printed, so each run shows its improvement; its rows are committed with round 1's), each round t
+
+1. trains the sampled clients and aggregates their replies into the new global shared tensors
+   x_{t+1} = server_optimizer(x_t, Δ_t) (:meth:`Transport.train`);
+2. adds one ``train`` row per sampled client and, with differential privacy, the ε spent so far at δ;
+3. every ``eval.every`` rounds and after the last, scores every client's model (x_{t+1} + its personal tensors)
+   on its own test split and on the global test set, and prints the round's table;
+4. commits the round: the metrics rows, the plot, the trained clients' states (where the run directory keeps
+   them) and the checkpoint (global tensors, server optimizer, each client's last round, RNG states);
+5. publishes ``global_adapter/``.
+
+A :class:`Transport` reaches the clients: :class:`fedlora.federated.run.InProcess` calls them in this process,
+:class:`fedlora.flower.transport.FlowerTransport` sends Flower messages to SuperNodes, which keep their clients'
+states on their own disks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from fedlora.federated.checks import check_clients
+from fedlora.federated.client import ClientApp, ClientState
+from fedlora.federated.config import RunConfig, save_config
+from fedlora.federated.message import FitRes, Rejection
+from fedlora.federated.report import format_table, plot_scores, privacy_rows, round_title, summarize, train_rows
+from fedlora.federated.server import ServerApp
+from fedlora.federated.storage import (
+    Checkpoint,
+    RunDir,
+    atomic_dir,
+    atomic_write,
+    check_free_space,
+    estimate_run_bytes,
+    rng_state,
+    set_rng_state,
+)
+
+
+@dataclass
+class RoundReplies:
+    """What one round of training gave: the sampled clients' results (rejected ones included), the rejections among
+    them and the clients whose fit failed, each with why."""
+
+    results: list[FitRes]
+    rejected: list[Rejection]
+    failures: list[Rejection]
+
+    @property
+    def sampled(self) -> int:
+        return len(self.results) + len(self.failures)
+
+
+class Transport:
+    """How the driver reaches the clients; ``clients`` are the ids of those that train, in client order.
+
+    ``client_rounds`` maps each client to the last round it trained in (absent: never), as of the round before:
+    the state a client trains or is scored from. ``clients_keep_states``: the clients keep their own states (the
+    checkpoint then only records their rounds).
+    """
+
+    clients: list[str]
+    clients_keep_states = False
+
+    def train(self, round_: int, client_rounds: Mapping[str, int]) -> RoundReplies:
+        """Sample, train and aggregate round ``round_``: the server's global tensors become x_{t+1}."""
+        raise NotImplementedError
+
+    def evaluate(self, round_: int, client_rounds: Mapping[str, int]) -> list[dict[str, Any]]:
+        """Every client scored with the server's global tensors: ``{"split", "client", <metric>: value}`` rows."""
+        raise NotImplementedError
+
+    def trained_states(self, results: Sequence[FitRes]) -> list[ClientState]:
+        """The states of the clients that sent ``results``, for the run directory to keep (none: they keep them)."""
+        return []
+
+    def restore(self, checkpoint: Checkpoint, run_dir: RunDir) -> None:
+        """Give the clients their states as of ``checkpoint`` (nothing to do where they keep them)."""
+
+
+def run_rounds(
+    config: RunConfig,
+    run_dir: RunDir,
+    checkpoint: Checkpoint | None,
+    server: ServerApp,
+    client: ClientApp,
+    transport: Transport,
+    *,
+    heading: str,
+    progress: bool = True,
+) -> Path:
+    """Run rounds ``checkpoint.round + 1`` (or 1) to ``config.rounds`` of the run in ``run_dir``; returns its path.
+
+    ``client`` is this process's model with the run's initial adapter: it gives the tensor names, the initial
+    personal tensors that ``global_adapter/`` holds, and the run's size on disk. ``heading`` is printed first.
+    """
+    client_ids = transport.clients
+    check_clients(config, client_ids)  # each its own state directory; server.min_clients not above their number
+    check_free_space(run_dir.path, run_bytes(client, len(client_ids), config.rounds))
+    run_dir.path.mkdir(parents=True, exist_ok=True)  # only now that the model and data loaded
+    atomic_write(run_dir.inside(run_dir.config), lambda tmp: save_config(config, tmp))
+    run_dir.write_client_names(client_ids)
+    initial_personal = client.snapshot(client.names["personal"])
+    persisted = bool(client.names["personal"])  # only clients with personal tensors have state to keep
+    client_rounds: dict[str, int] = {}
+    if checkpoint is not None:
+        server.global_tensors = checkpoint.global_tensors
+        server.optimizer.load_state_dict(checkpoint.server_optimizer)
+        transport.restore(checkpoint, run_dir)
+        set_rng_state(checkpoint.rng)
+        client_rounds = dict(checkpoint.client_rounds)
+    publish_adapter(client, server.global_tensors, initial_personal, run_dir)  # also repairs one a crash left stale
+    plot_scores(run_dir.read_metrics(), run_dir.inside(run_dir.plot))
+    start = checkpoint.round if checkpoint else 0
+    tqdm.write(f"{heading}, rounds {start + 1}..{config.rounds}, run dir {run_dir.path}")
+    rows = []
+    if start == 0:
+        started = time.perf_counter()
+        scores = transport.evaluate(0, client_rounds)
+        summaries = summarize(0, scores)
+        title = f"round 0/{config.rounds} · {config.strategy} · initial adapter · {time.perf_counter() - started:.1f} s"
+        tqdm.write(format_table(title, summaries))
+        rows = with_round(0, scores) + summaries
+
+    for round_ in tqdm(range(start + 1, config.rounds + 1), desc="rounds", disable=not progress):
+        started = time.perf_counter()
+        replies = transport.train(round_, client_rounds)
+        if persisted:
+            client_rounds.update(dict.fromkeys((result.client_id for result in replies.results), round_))
+        rows += train_rows(round_, replies.results, replies.rejected, replies.failures)
+        epsilon = server.epsilon(round_, len(client_ids)) if server.privacy else None  # nothing to restore
+        rows += privacy_rows(round_, epsilon, config.privacy.delta)
+        evaluated = round_ % config.eval.every == 0 or round_ == config.rounds
+        if evaluated:
+            scores = transport.evaluate(round_, client_rounds)
+            summaries = summarize(round_, scores)
+            rows += with_round(round_, scores) + summaries
+            seconds = time.perf_counter() - started
+            title = round_title(round_, rows, config.rounds, config.strategy, replies.sampled, seconds)
+            tqdm.write(format_table(title, summaries))
+        with run_dir.committing(round_):  # a failed write (a full disk) names the round the run dir still holds
+            run_dir.append_metrics(rows)
+            if evaluated:
+                plot_scores(run_dir.read_metrics(), run_dir.inside(run_dir.plot))
+            checkpoint = Checkpoint(
+                round=round_,
+                global_tensors=server.global_tensors,
+                server_optimizer=server.optimizer.state_dict(),
+                client_rounds=dict(client_rounds),
+                metrics_bytes=run_dir.metrics.stat().st_size,
+                rng=rng_state(),
+                clients_keep_states=transport.clients_keep_states,
+            )
+            run_dir.commit_round(checkpoint, transport.trained_states(replies.results) if persisted else [])
+            publish_adapter(client, server.global_tensors, initial_personal, run_dir)
+        rows = []
+    return run_dir.path
+
+
+def publish_adapter(
+    client: ClientApp, shared: Mapping[str, Tensor], initial_personal: Mapping[str, Tensor], run: RunDir
+) -> None:
+    """Write ``global_adapter/``: the global shared tensors with the initial personal (and frozen) tensors."""
+    client.load(shared)
+    client.load(initial_personal)
+    with atomic_dir(run.inside(run.global_adapter)) as tmp:
+        client.model.save_pretrained(tmp)
+
+
+def run_bytes(client: ClientApp, clients: int, rounds: int) -> int:
+    """:func:`~fedlora.federated.storage.estimate_run_bytes` for this adapter's tensors, ``clients`` and ``rounds``."""
+    params = dict(client.model.named_parameters())
+    sizes = {
+        role: sum(params[n].numel() * params[n].element_size() for n in names) for role, names in client.names.items()
+    }
+    return estimate_run_bytes(
+        shared=sizes["shared"], personal=sizes["personal"], adapter=sum(sizes.values()), clients=clients, rounds=rounds
+    )
+
+
+def with_round(round_: int, rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """``rows``, each led by ``"round": round_``."""
+    return [{"round": round_, **row} for row in rows]

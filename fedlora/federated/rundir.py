@@ -1,0 +1,78 @@
+"""Opening a run directory: its default name, the checks before a fresh run or a resume, and crash recovery.
+
+Both engines open their run this way (:func:`open_run`), before the model loads and before anything is written: a
+fresh run needs an absent or empty directory; a resume needs a run whose saved configuration differs from this one
+only in :data:`RESUMABLE_KEYS`, and continues from its newest intact checkpoint (see
+:meth:`~fedlora.federated.storage.RunDir.recover`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from fedlora.federated.checks import check_resume_rounds, check_settings
+from fedlora.federated.config import RunConfig, config_differences, load_run_config
+from fedlora.federated.storage import (
+    Checkpoint,
+    RunDir,
+    check_free_space,
+    check_writable,
+    estimate_run_bytes,
+    recover_dir,
+)
+
+RESUMABLE_KEYS = ("rounds", "device", "output_dir", "eval.")  # settings --resume may change (prefixes)
+
+
+def default_output_dir(config: RunConfig) -> Path:
+    """``runs/<strategy>-<timestamp>``."""
+    return Path("runs") / f"{config.strategy}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def open_run(config: RunConfig, resume: bool) -> tuple[RunConfig, RunDir, Checkpoint | None]:
+    """Check the run directory (:func:`check_run_dir`), and on ``resume`` recover it; returns the config with its
+    ``output_dir`` filled in, the run directory and the checkpoint to continue from (None: round 1 is next)."""
+    config = check_run_dir(config, resume)
+    run_dir = RunDir(config.output_dir)
+    checkpoint = run_dir.recover() if resume else None
+    recover_dir(run_dir.inside(run_dir.global_adapter))
+    return config, run_dir, checkpoint
+
+
+def check_run_dir(config: RunConfig, resume: bool) -> RunConfig:
+    """Check the output directory can be used (fresh: absent or empty; resume: a run with a compatible config);
+    returns the config with its ``output_dir`` filled in."""
+    check_settings(config)
+    if resume:
+        if config.output_dir is None:
+            raise ValueError("--resume needs the directory of the run to continue (--output-dir)")
+        run_dir = RunDir(config.output_dir)
+        run_dir.check_links()
+        if not run_dir.config.exists():
+            raise FileNotFoundError(f"{run_dir.path} is not a fedlora run directory (no config.yaml)")
+        saved = load_run_config(run_dir.config)
+        if config.data.prompt_format == "auto":  # the format the run resolved it to (in its config.yaml)
+            config = replace(config, data=replace(config.data, prompt_format=saved.data.prompt_format))
+        changed = [key for key in config_differences(saved, config) if not key.startswith(RESUMABLE_KEYS)]
+        if changed:
+            raise ValueError(
+                f"--resume: the configuration differs from the saved run in {changed}; only rounds, device, "
+                "output_dir and eval.* may change"
+            )
+        check_resume_rounds(config, run_dir.committed_round())
+    else:
+        run_dir = RunDir(config.output_dir or default_output_dir(config))
+        if run_dir.path.is_dir() and any(run_dir.path.iterdir()):
+            raise FileExistsError(
+                f"output directory {run_dir.path} exists and is not empty; pass --resume to continue that run "
+                "or choose another --output-dir"
+            )
+    check_writable(run_dir.path)
+    # What is known of the run's size before the model loads; the round driver checks the whole once it is built.
+    clients = config.data.num_clients or 1
+    check_free_space(
+        run_dir.path, estimate_run_bytes(shared=0, personal=0, adapter=0, clients=clients, rounds=config.rounds)
+    )
+    return replace(config, output_dir=str(run_dir.path))
