@@ -59,13 +59,19 @@ def test_zero_init_equals_base_model_exactly(model_fn, init_weights):
     torch.testing.assert_close(kept.magnitude, kept.direction.norm(dim=0))
 
 
+@pytest.mark.parametrize("r", [1, 4])
 @pytest.mark.parametrize("init_weights,first", [(True, {"A.magnitude"}), ("zero_B", {"B.magnitude"})])
-def test_zero_init_gradients(init_weights, first):
+def test_zero_init_gradients(init_weights, first, r):
     """At step 1 only the zero factor's magnitude gets a gradient (m_A: k entries by default, m_B: r with
-    ``zero_B``); after one optimizer step every tensor does."""
-    peft_model = get_peft_model(tiny_llama(), FedDoRAConfig(r=4, target_modules=["q_proj"], init_weights=init_weights))
-    layer = next(m for m in peft_model.modules() if isinstance(m, FedDoRALinear))
-    tensors = {f"{f}.{p}": getattr(getattr(layer, f"feddora_{f}")["default"], p) for f in "AB" for p in PARTS}
+    ``zero_B``); after one optimizer step every trained tensor does (at r = 1 V_A is fixed, not trained)."""
+    config = FedDoRAConfig(r=r, target_modules=["q_proj"], init_weights=init_weights)
+    peft_model = get_peft_model(tiny_llama(), config)
+    tensors = {
+        name.split("feddora_")[1].replace(".default.", "."): p
+        for name, p in peft_model.named_parameters()
+        if p.requires_grad and ".layers.0." in name
+    }
+    assert set(tensors) == {"A.magnitude", "B.direction", "B.magnitude"} | ({"A.direction"} if r > 1 else set())
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
     for step in range(2):
         peft_model(input_ids=TOKENS, labels=TOKENS).loss.backward()
@@ -73,6 +79,100 @@ def test_zero_init_gradients(init_weights, first):
         assert nonzero == (first if step == 0 else set(tensors)), step
         optimizer.step()
         optimizer.zero_grad()
+
+
+def narrow_model(dtype=LAYER_DTYPE):
+    """10 → 20 → 2 → 1 linears: the last two are narrower than most ranks, the last has out_features = 1."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(10, 20), nn.Tanh(), nn.Linear(20, 2), nn.Tanh(), nn.Linear(2, 1)).to(dtype)
+
+
+def trained_tensors(peft_model) -> dict[str, torch.Tensor]:
+    return {name: p for name, p in peft_model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("r", [1, 2, 3, 8, 25])
+def test_every_trained_tensor_changes_in_one_step(r):
+    """For every r ≥ 1 (above min(in, out) too, and on an out_features = 1 layer) every tensor the config trains
+    gets a nonzero gradient and moves in the first optimizer step; the fixed directions are no parameters."""
+    config = FedDoRAConfig(r=r, target_modules=["0", "2", "4"], init_weights=False)
+    peft_model = get_peft_model(narrow_model(), config)
+    trained = trained_tensors(peft_model)
+    fixed = {"0": "A" * (r == 1), "2": "A" * (r == 1), "4": "AB" if r == 1 else "B"}
+    expected = {
+        f"base_model.model.{layer}.feddora_{factor}.default.{part}"
+        for layer in "024"
+        for factor in "AB"
+        for part in PARTS
+        if part == "magnitude" or factor not in fixed[layer]
+    }
+    assert set(trained) == expected
+    before = {name: p.detach().clone() for name, p in trained.items()}
+    optimizer = torch.optim.Adam(list(trained.values()), lr=1e-2)
+    peft_model(torch.randn(8, 10, dtype=LAYER_DTYPE)).square().sum().backward()
+    optimizer.step()
+    assert [name for name, p in trained.items() if torch.equal(p, before[name])] == []
+
+
+@pytest.mark.parametrize("r", [1, 3, 7])
+@pytest.mark.parametrize("d", [1, 3])
+def test_any_rank_output_and_gradients_match_formula(r, d):
+    """r > min(in_features, out_features) is accepted, as by PEFT LoRA, with a warning naming the layer; output and
+    every gradient match the formula, fixed directions included as constants."""
+    torch.manual_seed(0)
+    config = FedDoRAConfig(r=r, lora_alpha=6, target_modules=["0"], init_weights=False)
+    model = nn.Sequential(nn.Linear(5, d, dtype=LAYER_DTYPE))
+    if r > min(5, d):
+        with pytest.warns(
+            UserWarning, match=rf"r={r} of layer '0' is larger than min\(in_features=5, out_features={d}\)"
+        ):
+            peft_model = get_peft_model(model, config)
+    else:
+        peft_model = get_peft_model(model, config)
+    layer = peft_model.base_model.model[0]
+    a, b = layer.feddora_A["default"], layer.feddora_B["default"]
+    trained = [t for t in (a.direction, a.magnitude, b.direction, b.magnitude) if t.requires_grad]
+    x = torch.randn(4, 5, dtype=LAYER_DTYPE, requires_grad=True)
+    grad_out = torch.randn(4, d, dtype=LAYER_DTYPE)
+    out = peft_model(x)
+    expected_out = layer.base_layer(x) + explicit_branch(x, a.direction, a.magnitude, b.direction, b.magnitude, 6 / r)
+    torch.testing.assert_close(out, expected_out, **LAYER_TOL)
+    got = torch.autograd.grad(out, [x, *trained], grad_out)
+    expected = torch.autograd.grad(expected_out, [x, *trained], grad_out)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, **LAYER_TOL)
+
+
+def test_single_row_directions_are_fixed_buffers_out_of_every_role(caplog):
+    """V_A at r = 1 and V_B at out_features = 1 are buffers: logged, saved, but neither trained nor shared."""
+    from fedlora.federated.strategy import STRATEGIES
+
+    with caplog.at_level("WARNING", logger="fedlora.tuners.feddora.model"):
+        peft_model = get_peft_model(tiny_llama(), FedDoRAConfig(r=1, target_modules=["q_proj", "lm_head"]))
+    logged = [record.getMessage() for record in caplog.records]
+    assert any("'model.layers.0.self_attn.q_proj': A.direction has one row (r=1)" in m for m in logged)
+    assert not any("q_proj': B.direction" in m for m in logged)
+    params, state = dict(peft_model.named_parameters()), peft_model.state_dict()
+    a_direction = "base_model.model.model.layers.0.self_attn.q_proj.feddora_A.default.direction"
+    assert a_direction in state and a_direction not in params
+    assert a_direction.replace("_A.", "_B.") in params
+    names = STRATEGIES["fedlora-opt"].tensor_names(peft_model)
+    assert not any(name.endswith("feddora_A.default.direction") for role in names.values() for name in role)
+    assert all(name.endswith("feddora_B.default.direction") for name in names["shared"])
+    with torch.no_grad():
+        peft_model(TOKENS)
+
+
+def test_fixed_direction_follows_the_adapter_dtype():
+    """PEFT's autocast keeps a bfloat16 model's adapter parameters in float32 but not a fixed direction's buffer;
+    the layer uses it in the magnitude's dtype."""
+    config = FedDoRAConfig(r=1, target_modules=["0", "2", "4"], init_weights=False)
+    peft_model = get_peft_model(narrow_model(torch.bfloat16), config)
+    layer = peft_model.base_model.model[4]
+    assert layer.feddora_B["default"].direction.dtype == torch.bfloat16
+    assert layer.feddora_B["default"].magnitude.dtype == torch.float32
+    out = peft_model(torch.randn(3, 10, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
 
 
 def test_naming_contract_and_shapes():

@@ -16,12 +16,33 @@ from fedlora_kernels import column_norm, feddora_delta_weight, feddora_lora
 
 
 class MagnitudeDirection(nn.Module):
-    """One factor F = V·diag(m/‖V‖_col) stored as its ``direction`` V (rows×cols) and ``magnitude`` m (cols,)."""
+    """One factor F = V·diag(m/‖V‖_col) stored as its ``direction`` V (rows×cols) and ``magnitude`` m (cols,).
+
+    With a single row (V_A at r = 1, V_B at out_features = 1) every column of V is one entry v, and
+    v/‖v‖ = v/sqrt(v² + NORM_EPS) is sign(v) up to NORM_EPS/v²: F = sign(V)·m, whose derivative in v,
+    m·NORM_EPS/(v² + NORM_EPS)^(3/2), is exactly 0 in float32 (and ~1e-11·m in float64, which Adam would blow up
+    into lr-sized steps that leave F unchanged). Such a direction is ``fixed``: a buffer, saved and loaded with the
+    adapter but no parameter, so it is never trained and in no tensor-role set (shared or personal); m alone
+    carries the factor, which loses nothing, since every F of that shape is sign(V)·m for some m.
+    """
 
     def __init__(self, rows: int, cols: int) -> None:
         super().__init__()
-        self.direction = nn.Parameter(torch.empty(rows, cols))
+        direction = torch.empty(rows, cols)
+        if rows == 1:
+            self.register_buffer("direction", direction)
+        else:
+            self.direction = nn.Parameter(direction)
         self.magnitude = nn.Parameter(torch.empty(cols))
+
+    @property
+    def fixed(self) -> bool:
+        """True when V has a single row, so it is a buffer (see the class docstring)."""
+        return not isinstance(self.direction, nn.Parameter)
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(V, m) in m's dtype: PEFT's adapter-dtype autocast upcasts parameters only, not a fixed V."""
+        return self.direction.to(self.magnitude.dtype), self.magnitude
 
     def reset(self, direction_init: str, magnitude_from_norm: bool) -> None:
         """Initialise V (``kaiming`` uniform with fan-in ``cols``, as LoRA's A, or ``gaussian`` N(0, 1/rows)) and m
@@ -38,11 +59,15 @@ class MagnitudeDirection(nn.Module):
 
     def extra_repr(self) -> str:
         rows, cols = self.direction.shape
-        return f"direction={rows}×{cols}, magnitude={cols}"
+        return f"direction={rows}×{cols}{' (fixed)' if self.fixed else ''}, magnitude={cols}"
 
 
 class FedDoRALayer(BaseTunerLayer):
-    """Holds, per adapter name, ``feddora_A[name]`` (V_A r×k, m_A k) and ``feddora_B[name]`` (V_B d×r, m_B r)."""
+    """Holds, per adapter name, ``feddora_A[name]`` (V_A r×k, m_A k) and ``feddora_B[name]`` (V_B d×r, m_B r).
+
+    Any r ≥ 1 is accepted, as PEFT LoRA does: with r > min(k, d) the update s·B A still has rank at most
+    min(k, d). At r = 1 V_A, and at d = 1 V_B, is fixed (see :class:`MagnitudeDirection`).
+    """
 
     adapter_layer_names = ("feddora_A", "feddora_B")
     other_param_names = ("r", "lora_alpha", "scaling", "dropout_p", "frozen_tensors")
@@ -69,8 +94,7 @@ class FedDoRALayer(BaseTunerLayer):
             raise TypeError(f"FedDoRA supports nn.Linear and transformers Conv1D base layers, got {type(base)}.")
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, config: FedDoRAConfig) -> None:
-        """Create (or re-create) adapter ``adapter_name`` with rank ``r`` on this layer (``FedDoRAModel`` checks
-        that r ≤ min(in_features, out_features))."""
+        """Create (or re-create) adapter ``adapter_name`` with rank ``r`` on this layer."""
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.scaling[adapter_name] = lora_alpha / (math.sqrt(r) if config.use_rslora else r)
@@ -105,7 +129,7 @@ class FedDoRALayer(BaseTunerLayer):
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """ΔW = s·B A in the base weight's layout ((d, k), or (k, d) for fan_in_fan_out)."""
         a, b = self.feddora_A[adapter_name], self.feddora_B[adapter_name]
-        delta = feddora_delta_weight(a.direction, a.magnitude, b.direction, b.magnitude, self.scaling[adapter_name])
+        delta = feddora_delta_weight(*a.tensors(), *b.tensors(), self.scaling[adapter_name])
         return delta.T if self.fan_in_fan_out else delta
 
 
@@ -130,16 +154,14 @@ class Linear(nn.Module, FedDoRALayer):
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Add s·B A of each given (default: active) adapter to the base weight."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
-        base = self.get_base_layer()
         for adapter_name in adapter_names:
             if adapter_name not in self.feddora_A:
                 continue
             with torch.no_grad():
-                delta = self.get_delta_weight(adapter_name).to(base.weight.dtype)
-                merged = base.weight.data + delta
+                merged = self._shifted_base_weight(adapter_name, 1)
                 if safe_merge and not torch.isfinite(merged).all():
                     raise ValueError(f"NaNs detected in the merged weights; adapter {adapter_name!r} seems broken.")
-                base.weight.data = merged
+                self._set_base_weight(merged)
             self.merged_adapters.append(adapter_name)
 
     def unmerge(self) -> None:
@@ -147,12 +169,24 @@ class Linear(nn.Module, FedDoRALayer):
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
-        base = self.get_base_layer()
         while self.merged_adapters:
             adapter_name = self.merged_adapters.pop()
             if adapter_name in self.feddora_A:
                 with torch.no_grad():
-                    base.weight.data -= self.get_delta_weight(adapter_name).to(base.weight.dtype)
+                    self._set_base_weight(self._shifted_base_weight(adapter_name, -1))
+
+    def _shifted_base_weight(self, adapter_name: str, sign: int) -> torch.Tensor:
+        """The base weight plus ``sign`` times the adapter's ΔW, in the base weight's (dense) dtype."""
+        weight = self._base_weight()
+        return weight + sign * self.get_delta_weight(adapter_name).to(weight.dtype)
+
+    def _base_weight(self) -> torch.Tensor:
+        """The base layer's weight as a dense tensor in its layout (quantized layers dequantize it)."""
+        return self.get_base_layer().weight.data
+
+    def _set_base_weight(self, weight: torch.Tensor) -> None:
+        """Make ``weight`` (dense, the base layout) the base layer's weight (quantized layers requantize it)."""
+        self.get_base_layer().weight.data = weight
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """base(x) + Σ over active adapters of s·dropout(x) Aᵀ Bᵀ (unless disabled or merged)."""
@@ -168,11 +202,9 @@ class Linear(nn.Module, FedDoRALayer):
                 continue
             a, b = self.feddora_A[adapter_name], self.feddora_B[adapter_name]
             result = feddora_lora(
-                self._cast_input_dtype(x, a.direction.dtype),
-                a.direction,
-                a.magnitude,
-                b.direction,
-                b.magnitude,
+                self._cast_input_dtype(x, a.magnitude.dtype),
+                *a.tensors(),
+                *b.tensors(),
                 self.scaling[adapter_name],
                 dropout_p=self.dropout_p[adapter_name] if self.training else 0.0,
                 base_out=result,
@@ -181,3 +213,11 @@ class Linear(nn.Module, FedDoRALayer):
 
     def __repr__(self) -> str:
         return "feddora." + super().__repr__()
+
+
+def dispatch_default(target: nn.Module, adapter_name: str, config: FedDoRAConfig, **kwargs: Any) -> Linear | None:
+    """A :class:`Linear` for an ``nn.Linear`` or ``Conv1D`` base; None for other bases."""
+    base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+    if not isinstance(base, nn.Linear | Conv1D):
+        return None
+    return Linear(target, adapter_name, config=config, **kwargs)

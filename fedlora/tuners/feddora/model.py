@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import sys
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
@@ -12,13 +15,16 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from fedlora.tuners.feddora.config import FedDoRAConfig
-from fedlora.tuners.feddora.layer import FedDoRALayer, Linear
+from fedlora.tuners.feddora.layer import FedDoRALayer, dispatch_default
+
+logger = logging.getLogger(__name__)
 
 
 class FedDoRAModel(BaseTuner):
     """Creates a FedDoRA model from a pretrained model (use ``peft.get_peft_model`` with a ``FedDoRAConfig``).
 
-    Every targeted ``nn.Linear``/``Conv1D`` becomes a :class:`~fedlora.tuners.feddora.layer.Linear` whose
+    Every targeted ``nn.Linear``/``Conv1D`` becomes a :class:`~fedlora.tuners.feddora.layer.Linear`, and every
+    bitsandbytes ``Linear8bitLt``/``Linear4bit`` one of :mod:`fedlora.tuners.feddora.bnb`'s subclasses of it, whose
     adapter tensors are named ``<module>.feddora_A.<adapter>.direction|magnitude`` and
     ``<module>.feddora_B.<adapter>.direction|magnitude``. Targets default to PEFT's LoRA targets.
     """
@@ -42,14 +48,21 @@ class FedDoRAModel(BaseTuner):
         r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), current_key), config.r)
         alpha_key = get_pattern_key(config.alpha_pattern.keys(), current_key)
         lora_alpha = config.alpha_pattern.get(alpha_key, config.lora_alpha)
-        _check_rank(r, current_key, target)
         if isinstance(target, FedDoRALayer):
             target.update_layer(adapter_name, r, lora_alpha, config)
+            _report_rank(target, adapter_name, current_key)
             return
         new_module = self._create_new_module(config, adapter_name, target, current_key, r=r, lora_alpha=lora_alpha)
+        _report_rank(new_module, adapter_name, current_key)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        """Put ``new_module`` in place of ``child``. BaseTuner's version also moves a new module around a
+        bitsandbytes 8-bit base wholly to the base's device, which fails for the meta-device adapter of a
+        ``low_cpu_mem_usage`` load; PEFT LoRA overrides it too. ``update_layer`` already put the adapter there."""
+        setattr(parent, child_name, new_module)
 
     @staticmethod
     def _create_new_module(
@@ -62,26 +75,45 @@ class FedDoRAModel(BaseTuner):
         elif isinstance(base, nn.Linear) and config.fan_in_fan_out:
             warnings.warn("fan_in_fan_out is True but the target is an nn.Linear; setting it to False.", stacklevel=2)
             config.fan_in_fan_out = False
-        elif not isinstance(base, (nn.Linear, Conv1D)):
-            raise TypeError(
-                f"FedDoRA cannot adapt module {current_key!r} of type {type(base).__name__}: "
-                "only torch.nn.Linear and transformers' Conv1D are supported."
-            )
-        return Linear(target, adapter_name, config=config, **kwargs)
-
-
-def _check_rank(r: int, key: str, target: nn.Module) -> None:
-    """ΔW = s·B·A of a layer with in_features k and out_features d has rank at most min(k, d), so a larger ``r`` is
-    an error naming the layer and its shape (layers of other types are rejected by ``_create_new_module``)."""
-    base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-    if not isinstance(base, nn.Linear | Conv1D):
-        return
-    in_features, out_features = (
-        (base.in_features, base.out_features) if isinstance(base, nn.Linear) else base.weight.shape
-    )
-    if r > min(in_features, out_features):
-        raise ValueError(
-            f"FedDoRA rank r={r} is too large for layer {key!r} (in_features={in_features}, "
-            f"out_features={out_features}): the update has rank at most {min(in_features, out_features)}; lower r "
-            "(or its rank_pattern entry) or leave the layer out of target_modules."
+        for dispatch in _dispatchers():
+            new_module = dispatch(target, adapter_name, config, **kwargs)
+            if new_module is not None:
+                return new_module
+        raise TypeError(
+            f"FedDoRA cannot adapt module {current_key!r} of type {type(base).__name__}: only torch.nn.Linear, "
+            "transformers' Conv1D and bitsandbytes' Linear8bitLt and Linear4bit are supported."
         )
+
+
+def _dispatchers() -> list[Callable[..., nn.Module | None]]:
+    """Layer constructors tried in order, the first that returns a layer wins (as in PEFT LoRA): bitsandbytes'
+    quantized linears before the dense ones they subclass. A model can hold bitsandbytes layers only once
+    bitsandbytes is imported, so until then it is not imported here either (it takes seconds)."""
+    if "bitsandbytes" not in sys.modules:
+        return [dispatch_default]
+    from fedlora.tuners.feddora.bnb import dispatch_bnb
+
+    return [dispatch_bnb, dispatch_default]
+
+
+def _report_rank(layer: FedDoRALayer, adapter_name: str, key: str) -> None:
+    """Warn, naming the layer, when r > min(in_features, out_features) (accepted, as PEFT LoRA does: ΔW = s·B A has
+    rank at most min(k, d) whatever r), and log each direction that is fixed (see ``MagnitudeDirection``)."""
+    r, in_features, out_features = layer.r[adapter_name], layer.in_features, layer.out_features
+    if r > min(in_features, out_features):
+        warnings.warn(
+            f"FedDoRA rank r={r} of layer {key!r} is larger than min(in_features={in_features}, "
+            f"out_features={out_features}); the update has rank at most {min(in_features, out_features)}, so the "
+            "extra rank adds parameters but no expressiveness.",
+            stacklevel=4,
+        )
+    for factor, reason in (("A", f"r={r}"), ("B", f"out_features={out_features}")):
+        if getattr(layer, f"feddora_{factor}")[adapter_name].fixed:
+            logger.warning(
+                "FedDoRA layer %r: %s.direction has one row (%s), so its unit columns are signs with zero gradient; "
+                "it is fixed (a buffer: not trained, not shared) and %s.magnitude carries the factor.",
+                key,
+                factor,
+                reason,
+                factor,
+            )
