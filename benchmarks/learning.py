@@ -29,12 +29,8 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import copy
-import datetime as dt
-import json
 import math
 import multiprocessing
-import os
-import platform
 import statistics
 import sys
 import time
@@ -49,15 +45,21 @@ from peft import LoraConfig, PeftConfig, get_peft_model
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler
 
+from benchmarks.common import (
+    RESULTS_DIR,
+    add_data_argument,
+    markdown_table,
+    provenance,
+    read_jsonl,
+    today,
+    write_jsonl,
+)
 from fedlora.data import CausalLMCollator, load_dolly, tokenize_dataset
 from fedlora.data.partition import sample_indices
 from fedlora.evaluation import evaluate_loss
 from fedlora.models import load_model_and_tokenizer
 from fedlora.tuners.feddora import FedDoRAConfig
 
-REPO = Path(__file__).resolve().parent.parent
-RESULTS_DIR = REPO / "benchmarks" / "results"
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "dolly" / "databricks-dolly-15k.jsonl"
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 HELD_OUT_SEED = 1234  # the held-out rows do not depend on a run's seed
 
@@ -216,48 +218,55 @@ def summarize(rows: Sequence[dict[str, Any]], steps: Sequence[int]) -> dict[str,
         for step in steps:
             stats = []
             for lr, runs in by_lr.items():
-                if len(runs) < seeds:
-                    continue
-                losses = [run["curve"][str(step)] for run in runs if str(step) in run["curve"]]
-                if losses:
-                    std = statistics.stdev(losses) if len(losses) > 1 else 0.0
-                    stats.append({"lr": lr, "mean": statistics.fmean(losses), "std": std, "n": len(losses)})
+                if len(runs) == seeds and all(str(step) in run["curve"] for run in runs):
+                    mean, std = _mean_std(runs, step)
+                    stats.append({"lr": lr, "mean": mean, "std": std, "n": len(runs)})
             if stats:
                 summary[method][step] = min(stats, key=lambda s: s["mean"])
     return summary
 
 
+def _mean_std(runs: Sequence[dict[str, Any]], step: int) -> tuple[float, float]:
+    """Mean and standard deviation over ``runs`` (seeds) of the held-out loss after ``step`` steps."""
+    losses = [run["curve"][str(step)] for run in runs if str(step) in run["curve"]]
+    return statistics.fmean(losses), statistics.stdev(losses) if len(losses) > 1 else 0.0
+
+
 def write_report(rows: Sequence[dict[str, Any]], steps: Sequence[int], path: Path, header: str) -> None:
     """The markdown table (each method at its best lr per step, then every lr at the last step) and the plot."""
     summary = summarize(rows, steps)
-    lines = [header, "", "| method | " + " | ".join(f"step {s}" for s in steps) + " |"]
-    lines.append("|---|" + "---|" * len(steps))
-    for method, per_step in summary.items():
-        cells = [f"{per_step[s]['mean']:.4f} ± {per_step[s]['std']:.4f} (lr {per_step[s]['lr']:g})" for s in steps]
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    lines += ["", "Each cell: mean ± std over seeds of the held-out loss at the lr that is best at that step.", ""]
-    lines += ["Every learning rate, mean ± std over seeds:", "", "| method | lr | seeds | "]
-    lines[-1] += " | ".join(f"step {s}" for s in steps) + " |"
-    lines.append("|---|---|---|" + "---|" * len(steps))
+    step_names = [f"step {s}" for s in steps]
+    best = markdown_table(
+        ["method", *step_names],
+        (
+            [
+                method,
+                *(f"{per_step[s]['mean']:.4f} ± {per_step[s]['std']:.4f} (lr {per_step[s]['lr']:g})" for s in steps),
+            ]
+            for method, per_step in summary.items()
+        ),
+    )
     groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault((row["method"], row["lr"]), []).append(row)
-    for (method, lr), runs in groups.items():
-        cells = []
-        for s in steps:
-            losses = [run["curve"][str(s)] for run in runs]
-            std = statistics.stdev(losses) if len(losses) > 1 else 0.0
-            cells.append(f"{statistics.fmean(losses):.4f} ± {std:.4f}")
-        lines.append(f"| {method} | {lr:g} | {len(runs)} | " + " | ".join(cells) + " |")
-    path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    every = markdown_table(
+        ["method", "lr", "seeds", *step_names],
+        (
+            [method, f"{lr:g}", len(runs), *("{:.4f} ± {:.4f}".format(*_mean_std(runs, s)) for s in steps)]
+            for (method, lr), runs in groups.items()
+        ),
+    )
+    path.with_suffix(".md").write_text(
+        f"{header}\n\n{best}\nEach cell: mean ± std over seeds of the held-out loss at the lr that is best at that "
+        f"step.\n\nEvery learning rate, mean ± std over seeds:\n\n{every}"
+    )
 
     figure = Figure(figsize=(7, 4.5))
     axes = figure.subplots()
     for method, per_step in summary.items():
         final_lr = per_step[steps[-1]]["lr"]
         runs = groups[(method, final_lr)]
-        means = [statistics.fmean(run["curve"][str(s)] for run in runs) for s in steps]
-        stds = [statistics.stdev([run["curve"][str(s)] for run in runs]) if len(runs) > 1 else 0.0 for s in steps]
+        means, stds = zip(*(_mean_std(runs, s) for s in steps), strict=True)
         axes.plot(steps, means, marker="o", label=f"{method} (lr {final_lr:g})")
         low, high = [m - d for m, d in zip(means, stds, strict=True)], [m + d for m, d in zip(means, stds, strict=True)]
         axes.fill_between(steps, low, high, alpha=0.2)
@@ -270,14 +279,10 @@ def write_report(rows: Sequence[dict[str, Any]], steps: Sequence[int], path: Pat
     figure.savefig(path.with_suffix(".png"), dpi=120)
 
 
-def _read_rows(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.learning", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="Dolly-15k .jsonl")
+    add_data_argument(parser)
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument(
         "--methods", nargs="+", default=list(METHODS), help=f"of {sorted(METHODS)}; NAME@LR runs that lr only"
@@ -304,10 +309,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.steps:
         settings["eval_steps"] = sorted(set([0, *args.steps]))
     seeds = args.seeds or settings["seeds"]
-    stem = args.name or f"learning-{args.preset}-{dt.datetime.now(dt.timezone.utc):%Y%m%d}"
-    args.results_dir.mkdir(parents=True, exist_ok=True)
+    stem = args.name or f"learning-{args.preset}-{today()}"
     path = args.results_dir / f"{stem}.jsonl"
-    done = {(row["method"], row["lr"], row["seed"]) for row in _read_rows(path)}
+    done = {(row["method"], row["lr"], row["seed"]) for row in read_jsonl(path)}
     runs = [
         (name, [float(lr)] if lr else (args.lrs or METHODS[name].lrs))
         for name, _, lr in (method.partition("@") for method in args.methods)
@@ -315,30 +319,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     jobs = [
         Job(name, lr, seed) for seed in range(seeds) for name, lrs in runs for lr in lrs if (name, lr, seed) not in done
     ]
-    provenance = {
-        "preset": args.preset,
-        "settings": settings,
-        "model": args.model,
-        "command": " ".join(["python -m benchmarks.learning", *(argv if argv is not None else sys.argv[1:])]),
-        "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "torch": torch.__version__,
-    }
+    context = {"preset": args.preset, "settings": settings, "model": args.model}
+    context |= provenance("benchmarks.learning", argv if argv is not None else sys.argv[1:], torch.device("cpu"))
     print(f"{len(jobs)} runs ({len(done)} already in {path})", flush=True)
-    context = multiprocessing.get_context("spawn")
+    spawn = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(
-        args.workers, mp_context=context, initializer=_init_worker, initargs=(args, settings)
+        args.workers, mp_context=spawn, initializer=_init_worker, initargs=(args, settings)
     ) as pool:
         for row in pool.map(run_job, jobs):
-            row.update(provenance, date=f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%dT%H:%M:%SZ}")
-            with path.open("a") as file:
-                file.write(json.dumps(row) + "\n")
+            write_jsonl(path, [row | context], append=True)
             curve = " ".join(f"{s}:{v:.3f}" for s, v in row["curve"].items())
             print(f"{row['method']} lr={row['lr']:g} seed={row['seed']} {row['wall_s']}s  {curve}", flush=True)
-    rows = [row for row in _read_rows(path) if row["settings"]["eval_steps"] == settings["eval_steps"]]
+    rows = [row for row in read_jsonl(path) if row["settings"]["eval_steps"] == settings["eval_steps"]]
     header = (
         f"# Learning benchmark, preset {args.preset}: {args.model}, r=8, alpha=16 on {', '.join(TARGET_MODULES)}, "
         f"AdamW, batch {settings['batch_size']}, {settings['max_length']} tokens, held-out loss on "
-        f"{settings['held_out']} Dolly rows; {provenance['machine']}, torch {provenance['torch']}"
+        f"{settings['held_out']} Dolly rows; {context['device']}, {context['cores']} cores, "
+        f"torch {context['torch_version']}"
     )
     write_report(rows, settings["eval_steps"], path, header)
     print(path.with_suffix(".md").read_text())
