@@ -1,4 +1,5 @@
-"""FedDoRA tuner layers: the magnitude/direction split of both LoRA factors on nn.Linear and Conv1D."""
+"""FedDoRA tuner layers: the magnitude/direction split of both LoRA factors on nn.Linear and Conv1D (bnb.py: on
+bitsandbytes' quantized linears)."""
 
 from __future__ import annotations
 
@@ -20,10 +21,11 @@ class MagnitudeDirection(nn.Module):
 
     With a single row (V_A at r = 1, V_B at out_features = 1) every column of V is one entry v, and
     v/‖v‖ = v/sqrt(v² + NORM_EPS) is sign(v) up to NORM_EPS/v²: F = sign(V)·m, whose derivative in v,
-    m·NORM_EPS/(v² + NORM_EPS)^(3/2), is exactly 0 in float32 (and ~1e-11·m in float64, which Adam would blow up
-    into lr-sized steps that leave F unchanged). Such a direction is ``fixed``: a buffer, saved and loaded with the
-    adapter but no parameter, so it is never trained and in no tensor-role set (shared or personal); m alone
-    carries the factor, which loses nothing, since every F of that shape is sign(V)·m for some m.
+    m·NORM_EPS/(v² + NORM_EPS)^(3/2), is ~4e-11·m at |v| = 0.3 (0 in float32). V cannot move F, except by flipping
+    a sign as v crosses 0, yet Adam, which normalises gradients, would step it by ~lr. Such a direction is
+    ``fixed``: a buffer, saved and loaded with the adapter but no parameter, so it is never trained and in no
+    tensor-role set (shared or personal); m alone carries the factor, which loses nothing, since every F of that
+    shape is sign(V)·m for some m.
     """
 
     def __init__(self, rows: int, cols: int) -> None:
