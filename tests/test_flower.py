@@ -1,9 +1,11 @@
 """The Flower app (fedlora.flower).
 
-A real SuperLink and two SuperNodes (separate processes on 127.0.0.1) train 2 rounds of fedlora-opt and end with
-the in-process engine's global adapter, and only shared tensors cross the wire. The same ServerApp and ClientApp
-also run over an in-memory grid (messages serialised as on the wire) for the quicker checks: the DP options, a
-node with its own private data file, configuration round trips.
+``fedlora train --engine flower`` (a real SuperLink and two SuperNodes, separate processes on 127.0.0.1) trains 2
+rounds of fedlora-opt and ends with the in-process engine's global adapter; ``kill -9`` of a SuperNode mid-round
+and of the whole server side, then ``--resume``, ends with the uninterrupted Flower run. The same ServerApp and
+ClientApp also run over an in-memory grid (messages serialised as on the wire) for the quicker checks: only shared
+tensors travel, the DP options, failing and lost nodes, resume, a node with its own private data file,
+configuration round trips.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from fedlora.federated.storage import RunDir
 from fedlora.flower import FlowerSettings, write_app
 from fedlora.flower.client_app import app as client_app
 from fedlora.flower.config import app_run_config, from_run_config, to_run_config
+from fedlora.flower.launch import ProcessGroup
 from fedlora.flower.node import load_node
 from fedlora.flower.server_app import serve
 from tests.tiny import save_tiny_model
@@ -424,10 +427,11 @@ def alive(pid: int) -> bool:
     return False
 
 
-def wait_until(condition, process: subprocess.Popen, timeout: float = FLOWER_TIMEOUT) -> None:
+def wait_until(condition, run: subprocess.Popen | None, timeout: float = FLOWER_TIMEOUT) -> None:
+    """Wait for ``condition``; fail if ``run`` (unless None) exits first."""
     deadline = time.monotonic() + timeout
     while not condition():
-        assert process.poll() is None, f"fedlora exited with {process.returncode} before the kill"
+        assert run is None or run.poll() is None, f"fedlora exited with {run.returncode} before the kill"
         assert time.monotonic() < deadline, "timed out waiting for the moment to kill"
         time.sleep(0.05)
 
@@ -440,36 +444,25 @@ def committed(out: Path) -> int:
 
 @pytest.mark.fault
 def test_kill_9_of_a_supernode_and_of_the_server_then_resume(flower_run, model_dir, data_file, tmp_path):
-    """``kill -9`` of SuperNode 1 while round 2 runs: the round fails (server.min_clients=2) and the launcher stops
-    everything it started. ``--resume`` starts new nodes, which read their clients' round-1 states from disk;
-    ``kill -9`` of the whole server side (fedlora, the SuperLink, its ServerApp and the nodes) once node 0 has
-    trained round 2 again; ``--resume`` once more: the uninterrupted run's adapter, metrics and node states."""
+    """``kill -9`` of SuperNode 1 while round 2 runs, then, once node 0 has trained round 2 (a state the server
+    never committed), of the whole server side (fedlora, the SuperLink, its ServerApp and node 0). ``--resume``
+    starts new nodes, which continue from their clients' round-1 states on disk: the uninterrupted run's adapter,
+    metrics and node states."""
     out = tmp_path / "run"
-    argv = [sys.executable, "-m", "fedlora.cli", *flower_argv(model_dir, data_file, out)]
+    command = [sys.executable, "-m", "fedlora.cli"]
     log = (tmp_path / "fedlora.log").open("w")
-    run = subprocess.Popen(argv, env=fedlora_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    started = {"env": fedlora_env(), "stdout": log, "stderr": subprocess.STDOUT, "start_new_session": True}
+    run = subprocess.Popen([*command, *flower_argv(model_dir, data_file, out)], **started)
     try:
         wait_until(lambda: committed(out) == 1, run)
         (node_1,) = [pid for pid in descendants(run.pid) if "partition-id=1" in processes()[pid][1]]
-        launched = descendants(run.pid)
         kill_tree(node_1)
-        assert run.wait(timeout=FLOWER_TIMEOUT) == 1
-        assert not [pid for pid in launched if alive(pid)]  # the launcher stopped what it started
-        round_2 = next(out.glob("nodes/*/client_0/round-2")).stat().st_ino  # node 0 trained round 2
-
-        resume = [*argv[:3], "train", "--engine", "flower", "--output-dir", str(out), "--resume", "--no-progress"]
-        resume += ["--set", "round-timeout=120"]
-        run = subprocess.Popen(resume, env=fedlora_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        retrained = lambda: next(out.glob("nodes/*/client_0/round-2")).stat().st_ino != round_2  # noqa: E731
-        wait_until(retrained, run)
-        everything = [run.pid, *descendants(run.pid)]
-        for pid in everything:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: run.poll() is not None or any(out.glob("nodes/*/client_0/round-2")), run=None)
+        kill_tree(run.pid)
         run.wait()
         assert committed(out) == 1
-
-        run = subprocess.Popen(resume, env=fedlora_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        resume = ["train", "--engine", "flower", "--output-dir", str(out), "--resume", "--no-progress"]
+        run = subprocess.Popen([*command, *resume, "--set", "round-timeout=120"], **started)
         assert run.wait(timeout=FLOWER_TIMEOUT) == 0
     finally:
         kill_tree(run.pid)
@@ -477,3 +470,15 @@ def test_kill_9_of_a_supernode_and_of_the_server_then_resume(flower_run, model_d
         print((tmp_path / "fedlora.log").read_text()[-6000:])
     assert_same_run(out, flower_run, tolerance={"rtol": 0, "atol": 0})
     assert RunDir(out).read_metrics() == RunDir(flower_run).read_metrics()
+
+
+def test_the_launcher_stops_what_it_started(tmp_path):
+    """On an error (as on Ctrl-C or a finished run) every process started, and every process they started, ends."""
+    with pytest.raises(RuntimeError, match="the run failed"), ProcessGroup(tmp_path) as started:
+        started.start("parent", ["bash", "-c", "sleep 600 & sleep 600"])
+        started.start("other", ["sleep", "600"])
+        time.sleep(0.5)
+        pids = [child for process in started.processes for child in [process.pid, *descendants(process.pid)]]
+        assert len(pids) >= 3
+        raise RuntimeError("the run failed")
+    assert not [pid for pid in pids if alive(pid)]

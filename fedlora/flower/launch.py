@@ -123,7 +123,7 @@ def local_federation(config: RunConfig, *, stream: bool = True, startup_timeout:
     (``superlink.log``, ``supernode-N.log``) are printed when the block fails, unless ``stream`` is off."""
     if config.data.num_clients is None:
         raise ValueError("data.num_clients (--num-clients): --engine flower starts one SuperNode per client")
-    with tempfile.TemporaryDirectory(prefix="fedlora-flower-") as tmp, _Processes(Path(tmp)) as processes:
+    with tempfile.TemporaryDirectory(prefix="fedlora-flower-") as tmp, ProcessGroup(Path(tmp)) as processes:
         port = _free_port()
         superlink = processes.start(
             "superlink",
@@ -144,7 +144,7 @@ def local_federation(config: RunConfig, *, stream: bool = True, startup_timeout:
             raise
 
 
-class _Processes:
+class ProcessGroup:
     """Processes started in one process group of their own (so Ctrl-C at the terminal reaches only the caller,
     which stops them all) with logs and Flower homes in ``directory``."""
 
@@ -152,7 +152,7 @@ class _Processes:
         self.directory = directory
         self.processes: list[subprocess.Popen] = []
 
-    def __enter__(self) -> _Processes:
+    def __enter__(self) -> ProcessGroup:
         return self
 
     def __exit__(self, *exc: object) -> None:
