@@ -13,7 +13,7 @@ import torch
 from opacus.accountants import RDPAccountant
 from safetensors.torch import load_file
 
-from fedlora.federated import ClientApp, FitRes, ServerApp, build_config, weighted_average
+from fedlora.federated import FederatedClient, FederatedServer, FitRes, build_config, weighted_average
 from fedlora.federated.aggregation import clip_update, coordinate_median, trimmed_mean, update_norm
 from fedlora.federated.config import PrivacySettings, ServerSettings
 from fedlora.federated.message import Rejection
@@ -32,8 +32,8 @@ def result(client_id: str, value: float = 1.0, num_examples: int = 1, **tensors)
     return FitRes(client_id, {name: t for name, t in sent.items() if t is not None}, num_examples, {})
 
 
-def server(**settings) -> ServerApp:
-    return ServerApp(SHARED, ServerSettings(**settings), seed=0)
+def server(**settings) -> FederatedServer:
+    return FederatedServer(SHARED, ServerSettings(**settings), seed=0)
 
 
 def with_nan() -> torch.Tensor:
@@ -126,7 +126,7 @@ def test_min_clients_counts_failed_and_rejected_clients(min_clients, replies, fa
 def test_a_non_finite_aggregate_raises_and_changes_nothing():
     # float16 tops out at 65504: Δ = 60000 − (−60000) passes every check but x + Δ overflows
     start = {"h": torch.full((2,), -60000.0, dtype=torch.float16)}
-    app = ServerApp(start, ServerSettings(optimizer="fedavgm", max_update_norm=None), seed=0)
+    app = FederatedServer(start, ServerSettings(optimizer="fedavgm", max_update_norm=None), seed=0)
     app.optimizer.state = {"m/h": torch.ones(2, dtype=torch.float16)}
     with pytest.raises(RuntimeError, match=r"round 2: the new global tensors \['h'\] are not finite"):
         app.aggregate([FitRes("a", {"h": torch.full((2,), 60000.0, dtype=torch.float16)}, 1, {})], 2)
@@ -148,7 +148,7 @@ def test_clip_update_scales_to_the_norm_over_all_tensors():
 
 
 def test_server_clip_norm_clips_each_update_before_the_mean():
-    app = ServerApp({"x": torch.zeros(2)}, ServerSettings(clip_norm=1.0), seed=0)
+    app = FederatedServer({"x": torch.zeros(2)}, ServerSettings(clip_norm=1.0), seed=0)
     # Δ_a = (3, 4) is clipped to (0.6, 0.8); Δ_b = (0.5, 0) is under the norm; weights 1 and 3
     app.aggregate(
         [FitRes("a", {"x": torch.tensor([3.0, 4.0])}, 1, {}), FitRes("b", {"x": torch.tensor([0.5, 0.0])}, 3, {})]
@@ -178,7 +178,7 @@ def test_median_and_trimmed_mean_match_hand_computed_values(clients, aggregator,
     torch.testing.assert_close(direct["x"], torch.tensor(expected, dtype=torch.float64))
 
     # through the server, from x_t = 1 and with uneven example counts (which these aggregators ignore)
-    app = ServerApp({"x": torch.ones(3)}, ServerSettings(aggregator=aggregator, trim_fraction=trim_fraction), 0)
+    app = FederatedServer({"x": torch.ones(3)}, ServerSettings(aggregator=aggregator, trim_fraction=trim_fraction), 0)
     replies = [
         FitRes(f"c{i}", {"x": 1 + torch.tensor(column)}, 10**i, {}) for i, column in enumerate(COLUMNS[:clients])
     ]
@@ -204,9 +204,9 @@ def test_a_poisoned_client_cannot_move_the_robust_aggregate_out_of_the_honest_ra
 # ------------------------------------------------------------------------------------------------- differential privacy
 
 
-def private_server(z: float = 1.5, clip: float = 2.0, seed: int = 0, shared=None, **settings) -> ServerApp:
+def private_server(z: float = 1.5, clip: float = 2.0, seed: int = 0, shared=None, **settings) -> FederatedServer:
     shared = SHARED if shared is None else shared
-    return ServerApp(shared, ServerSettings(**settings), seed, PrivacySettings(z, clip, 1e-5))
+    return FederatedServer(shared, ServerSettings(**settings), seed, PrivacySettings(z, clip, 1e-5))
 
 
 def test_dp_noise_std_is_z_c_over_m():
@@ -316,7 +316,7 @@ def test_config_defaults_and_overrides():
     )
     assert config.server.max_update_norm is None and config.privacy == PrivacySettings(0.8, 0.1, 1e-6)
     with pytest.raises(ValueError, match="needs server.aggregator=mean"):  # also when the server is built directly
-        ServerApp(SHARED, ServerSettings(aggregator="median"), 0, PrivacySettings(1.0, 1.0))
+        FederatedServer(SHARED, ServerSettings(aggregator="median"), 0, PrivacySettings(1.0, 1.0))
 
 
 # ------------------------------------------------------------------------------------------------- in a real run
@@ -330,7 +330,7 @@ def out_of_memory(*args, **kwargs):
 
 def inject(monkeypatch, fault: str) -> dict[str, FitRes]:
     """Make FAILING's fit fail in the way ``fault`` names; returns what the other clients sent."""
-    fit, sent = ClientApp.fit, {}
+    fit, sent = FederatedClient.fit, {}
 
     def faulty_fit(self, state, ins):
         if state.client_id != FAILING:
@@ -346,7 +346,7 @@ def inject(monkeypatch, fault: str) -> dict[str, FitRes]:
         next(iter(reply.tensors.values())).view(-1)[0] = math.nan
         return reply
 
-    monkeypatch.setattr(ClientApp, "fit", faulty_fit)
+    monkeypatch.setattr(FederatedClient, "fit", faulty_fit)
     return sent
 
 
@@ -355,9 +355,9 @@ def reference(data_file, tokenizer, tmp_path_factory) -> dict[str, FitRes]:
     """What every client sends in round 1 of a 1-round run where nothing fails."""
     sent = {}
     with pytest.MonkeyPatch.context() as patch:
-        fit = ClientApp.fit
+        fit = FederatedClient.fit
         patch.setattr(
-            ClientApp, "fit", lambda self, state, ins: sent.setdefault(state.client_id, fit(self, state, ins))
+            FederatedClient, "fit", lambda self, state, ins: sent.setdefault(state.client_id, fit(self, state, ins))
         )
         tiny_train(tiny_config(data_file, tmp_path_factory.mktemp("reference") / "run"), tokenizer)
     return sent

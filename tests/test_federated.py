@@ -14,14 +14,14 @@ from safetensors.torch import load_file
 from fedlora.data import build_federated_data
 from fedlora.evaluation import evaluate_loss
 from fedlora.federated import (
-    ClientApp,
     FedAdam,
     FedAvgM,
+    FederatedClient,
+    FederatedServer,
     FedYogi,
     FitIns,
     FitRes,
     RunConfig,
-    ServerApp,
     ServerOptimizer,
     build_config,
     evaluate_run,
@@ -121,14 +121,14 @@ def run(tokenizer):
 def exchanges(monkeypatch) -> list[tuple[FitIns, FitRes]]:
     """Every (FitIns, FitRes) pair that crosses the client boundary."""
     recorded: list[tuple[FitIns, FitRes]] = []
-    fit = ClientApp.fit
+    fit = FederatedClient.fit
 
     def spy(self, state, ins):
         result = fit(self, state, ins)
         recorded.append((ins, result))
         return result
 
-    monkeypatch.setattr(ClientApp, "fit", spy)
+    monkeypatch.setattr(FederatedClient, "fit", spy)
     return recorded
 
 
@@ -211,7 +211,7 @@ def test_weighted_average_by_example_counts():
 
 
 def test_server_app_aggregates_messages_weighted():
-    server = ServerApp({"w": torch.tensor([0.0])}, ServerSettings(), seed=0)
+    server = FederatedServer({"w": torch.tensor([0.0])}, ServerSettings(), seed=0)
     server.aggregate([FitRes("a", {"w": torch.tensor([1.0])}, 1, {}), FitRes("b", {"w": torch.tensor([5.0])}, 3, {})])
     torch.testing.assert_close(server.global_tensors["w"], torch.tensor([4.0]))  # (1 + 15) / 4
     with pytest.raises(RuntimeError, match="not in the shared set"):
@@ -219,11 +219,11 @@ def test_server_app_aggregates_messages_weighted():
 
 
 def test_client_sampling_is_seeded():
-    server = ServerApp({}, ServerSettings(fraction=0.5), seed=3)
+    server = FederatedServer({}, ServerSettings(fraction=0.5), seed=3)
     ids = ["c0", "c1", "c2", "c3"]
     picks = [server.sample(r, ids) for r in range(1, 6)]
     assert all(len(p) == 2 and p == sorted(p) for p in picks)
-    assert picks == [ServerApp({}, ServerSettings(fraction=0.5), seed=3).sample(r, ids) for r in range(1, 6)]
+    assert picks == [FederatedServer({}, ServerSettings(fraction=0.5), seed=3).sample(r, ids) for r in range(1, 6)]
     assert len({tuple(p) for p in picks}) > 1
 
 
@@ -270,7 +270,7 @@ def test_fedlora_opt_stages_touch_only_their_tensors(make_config, tokenizer):
     assert set(app.names["shared"]) == DIRECTIONS and set(app.names["personal"]) == MAGNITUDES
     state = app.new_state(fed.data.clients[0])
 
-    def changed_by(client_app: ClientApp, round_: int) -> tuple[set[str], FitRes]:
+    def changed_by(client_app: FederatedClient, round_: int) -> tuple[set[str], FitRes]:
         ins = FitIns(round_, client_app.snapshot(client_app.names["shared"]))
         client_app.load(state.personal)
         before = client_app.snapshot(everything)
@@ -281,7 +281,7 @@ def test_fedlora_opt_stages_touch_only_their_tensors(make_config, tokenizer):
     changed, result = changed_by(app, 1)  # local stage only
     assert changed == MAGNITUDES
     assert set(result.tensors) == DIRECTIONS and set(result.metrics) == {"train_loss_local"}
-    global_only = ClientApp(
+    global_only = FederatedClient(
         fed.model,
         tokenizer,
         fed.strategy,
@@ -397,7 +397,7 @@ def interrupt_at(monkeypatch, where: str) -> None:
     """Raise (like Ctrl-C) in round 2: while a client trains, just before the checkpoint commit, or just after
     (the checkpoint rotated in, the clients' states not yet)."""
     if where == "mid-round":
-        fit, calls = ClientApp.fit, []
+        fit, calls = FederatedClient.fit, []
 
         def failing_fit(self, state, ins):
             calls.append(ins.round)
@@ -405,7 +405,7 @@ def interrupt_at(monkeypatch, where: str) -> None:
                 raise Interrupt
             return fit(self, state, ins)
 
-        monkeypatch.setattr(ClientApp, "fit", failing_fit)
+        monkeypatch.setattr(FederatedClient, "fit", failing_fit)
     elif where == "before-commit":
         atomic_dir = storage.atomic_dir
 

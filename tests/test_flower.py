@@ -33,7 +33,7 @@ from safetensors.torch import load_file
 
 from fedlora.cli import main
 from fedlora.data.samples import DOLLY_SAMPLE
-from fedlora.federated import ClientApp, RunConfig, build_config, train
+from fedlora.federated import FederatedClient, RunConfig, build_config, train
 from fedlora.federated.build import build_client
 from fedlora.federated.storage import RunDir
 from fedlora.flower import FlowerSettings, write_app
@@ -259,7 +259,7 @@ def test_central_dp_needs_fedavg(make_config, serve_locally):
 @pytest.fixture(scope="module")
 def without_client_1(model_dir, data_file, tmp_path_factory) -> Path:
     """The in-process engine's run of the tiny configuration where client_1's fit raises in every round."""
-    fit = ClientApp.fit
+    fit = FederatedClient.fit
 
     def failing(self, state, ins):
         if state.client_id == "client_1":
@@ -267,7 +267,7 @@ def without_client_1(model_dir, data_file, tmp_path_factory) -> Path:
         return fit(self, state, ins)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(ClientApp, "fit", failing)
+        patch.setattr(FederatedClient, "fit", failing)
         return train(tiny_config(model_dir, data_file, tmp_path_factory.mktemp("without") / "run"), progress=False)
 
 

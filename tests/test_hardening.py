@@ -22,7 +22,7 @@ import torch
 import fedlora.cli
 import fedlora.federated.paths
 from fedlora.cli import main
-from fedlora.federated.client import ClientApp
+from fedlora.federated.client import FederatedClient
 from fedlora.federated.paths import PathGuard, UnsafePathError, client_dir_name, client_dir_names
 from fedlora.federated.storage import RunDir
 from fedlora.files import missing_file_error
@@ -413,14 +413,14 @@ def test_an_unexpected_error_has_a_traceback_only_with_debug(model_dir, sandbox,
 @pytest.mark.bad_input
 @pytest.mark.parametrize("debug", [False, True])
 def test_a_failing_client_is_one_log_line_without_debug(model_dir, sandbox, caplog, monkeypatch, debug):
-    fit = ClientApp.fit
+    fit = FederatedClient.fit
 
     def failing_fit(self, state, ins):
         if state.client_id == "client_1":
             raise RuntimeError("client 1 broke")
         return fit(self, state, ins)
 
-    monkeypatch.setattr(ClientApp, "fit", failing_fit)
+    monkeypatch.setattr(FederatedClient, "fit", failing_fit)
     argv = [
         *train_argv(model_dir, sandbox / "rows.jsonl", sandbox / "run"),
         "--rounds",

@@ -10,16 +10,16 @@ table, plot) and :mod:`~fedlora.federated.run` (the loop).
 """
 
 from fedlora.federated.aggregation import FedAdam, FedAvgM, FedYogi, ServerOptimizer, weighted_average
-from fedlora.federated.client import ClientApp, ClientState
+from fedlora.federated.client import ClientState, FederatedClient
 from fedlora.federated.config import RunConfig, build_config, load_config
 from fedlora.federated.message import FitIns, FitRes, Rejection
 from fedlora.federated.run import evaluate_run, train
-from fedlora.federated.server import ServerApp
-from fedlora.federated.strategy import STRATEGIES, Strategy
+from fedlora.federated.server import FederatedServer
+from fedlora.federated.strategy import STRATEGIES, FederatedStrategy
 
 __all__ = [
     "STRATEGIES",
-    "ClientApp",
+    "FederatedClient",
     "ClientState",
     "FedAdam",
     "FedAvgM",
@@ -28,9 +28,9 @@ __all__ = [
     "FitRes",
     "Rejection",
     "RunConfig",
-    "ServerApp",
+    "FederatedServer",
     "ServerOptimizer",
-    "Strategy",
+    "FederatedStrategy",
     "build_config",
     "evaluate_run",
     "load_config",

@@ -25,7 +25,7 @@ from transformers import PreTrainedTokenizerBase
 
 from fedlora.data import DataConfig
 from fedlora.data.samples import DOLLY_SAMPLE
-from fedlora.federated.client import ClientApp
+from fedlora.federated.client import FederatedClient
 from fedlora.federated.config import DOLLY_SAMPLE_ALIAS, RunConfig
 from fedlora.federated.strategy import STRATEGIES
 from fedlora.models import load_model_and_tokenizer
@@ -41,7 +41,7 @@ def build_client(
     model_path: str | None = None,
     adapter_dir: Path | None = None,
     progress: bool = True,
-) -> ClientApp:
+) -> FederatedClient:
     """The client trainer of a run: the base model (``model``/``tokenizer``, else loaded from ``model_path`` or
     ``config.model.name``; wrapped in place) with the strategy's adapter, a fresh seeded one or the one saved in
     ``adapter_dir``."""
@@ -55,7 +55,7 @@ def build_client(
     else:
         check_adapter_dir(adapter_dir, strategy.peft_config(config.adapter), model)
         peft_model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
-    return ClientApp(
+    return FederatedClient(
         peft_model,
         tokenizer,
         strategy,

@@ -24,7 +24,7 @@ from fedlora.data import CausalLMCollator, ClientData
 from fedlora.evaluation import evaluate
 from fedlora.federated.config import ClientSettings, EvalSettings
 from fedlora.federated.message import FitIns, FitRes
-from fedlora.federated.strategy import Strategy
+from fedlora.federated.strategy import FederatedStrategy
 
 
 @dataclass
@@ -51,7 +51,7 @@ def derive_seed(seed: int, round_: int, client_id: str) -> int:
     return int(np.random.SeedSequence([seed, round_, zlib.crc32(client_id.encode())]).generate_state(1)[0])
 
 
-class ClientApp:
+class FederatedClient:
     """Trains and evaluates clients on ``model`` (a PEFT model with the strategy's adapter).
 
     ``fit`` loads the global shared tensors and the client's personal tensors, trains, and returns a
@@ -66,7 +66,7 @@ class ClientApp:
         self,
         model: nn.Module,
         tokenizer: PreTrainedTokenizerBase,
-        strategy: Strategy,
+        strategy: FederatedStrategy,
         settings: ClientSettings,
         eval_settings: EvalSettings,
         *,

@@ -1,33 +1,26 @@
-"""The run configuration: a dataclass tree whose defaults are the quickstart, loaded from TOML, YAML or JSON.
+"""The run configuration's schema: a dataclass tree whose defaults are the quickstart, with each value's rules.
 
 Values are layered: the defaults, then a config file (``.toml``, ``.yaml``/``.yml`` or ``.json``), then
-``key.sub=value`` overrides (strings, coerced to each field's type). Unknown keys, values of the wrong type or
+``key.sub=value`` overrides (strings, coerced to each field's type; the generic reading and coercion is
+:mod:`fedlora.federated.loader`). Unknown keys, values of the wrong type or
 out of range, and unknown strategies raise a ``ValueError`` that names the dotted key.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import types
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal
 
 import torch
 import yaml
 
+from fedlora.federated.loader import build_dataclass, leaves, read_config_file, sections
 from fedlora.federated.strategy import STRATEGIES
-from fedlora.files import missing_file_error
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
 
 DOLLY_SAMPLE_ALIAS = "dolly-sample"
-_NONE_STRINGS = ("none", "null")
 
 _positive = (lambda v: v > 0, "positive")
 _at_least_one = (lambda v: v >= 1, "at least 1")
@@ -261,7 +254,7 @@ class RunConfig:
         STRATEGIES[self.strategy].with_roles(self.adapter.tensor_roles)  # raises naming adapter.tensor_roles.<kind>
         if self.client.local_steps + self.client.global_steps == 0:
             raise ValueError("client.local_steps and client.global_steps cannot both be 0")
-        for section, prefix in _sections(self):
+        for section, prefix in sections(self):
             for name in (f.name for f in fields(section)):  # learning rates, clip norms, DP values, ...
                 if isinstance(value := getattr(section, name), float) and not math.isfinite(value):
                     raise ValueError(f"{prefix}{name} must be finite; got {value!r}")
@@ -277,68 +270,15 @@ class RunConfig:
 
 
 def load_config(path: str | Path | None = None, overrides: Iterable[str] | Mapping[str, Any] = ()) -> RunConfig:
-    """The defaults, updated by the file at ``path`` (if any), then by ``overrides``.
-
-    ``overrides`` are ``"key.sub=value"`` strings (or a ``{"key.sub": value}`` mapping); string values are
-    coerced to the field's type: ``none``/``null`` for optional fields, comma-separated or JSON lists,
-    JSON objects for mappings.
-    """
+    """The defaults, updated by the file at ``path`` (if any), then by ``overrides`` (see
+    :mod:`fedlora.federated.loader`)."""
     values = read_config_file(path) if path is not None else {}
     return build_config(values, overrides)
 
 
 def build_config(values: Mapping[str, Any], overrides: Iterable[str] | Mapping[str, Any] = ()) -> RunConfig:
     """A validated :class:`RunConfig` from nested ``values`` with dotted ``overrides`` applied on top."""
-    merged = json.loads(json.dumps(values))  # a deep copy of plain data
-    pairs = overrides.items() if isinstance(overrides, Mapping) else (_split_override(o) for o in overrides)
-    for key, value in pairs:
-        _set_dotted(merged, key, value)
-    return _build(RunConfig, merged, "")
-
-
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """The nested mapping in a ``.toml``, ``.yaml``/``.yml`` or ``.json`` file."""
-    path = Path(path)
-    if not path.is_file():
-        raise missing_file_error(path, "config file")
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".toml":
-            with path.open("rb") as f:
-                data = tomllib.load(f)
-        elif suffix in (".yaml", ".yml"):
-            data = yaml.safe_load(path.read_text()) or {}
-        elif suffix == ".json":
-            data = json.loads(path.read_text())
-        else:
-            raise ValueError(f"unsupported type {suffix!r}; use .toml, .yaml, .yml or .json")
-    except (ValueError, yaml.YAMLError) as error:  # TOML and JSON decode errors are ValueErrors
-        raise ValueError(f"config file {path}: {error}") from error
-    if not isinstance(data, dict):
-        raise ValueError(f"config file {path} must hold a mapping at the top level")
-    try:
-        _check_plain(data, f"config file {path}", "")
-    except RecursionError:  # a YAML anchor that contains itself
-        raise ValueError(f"config file {path}: values nest too deeply (or refer to themselves)") from None
-    return data
-
-
-def _check_plain(value: Any, source: str, key: str) -> None:
-    """Raise a ``ValueError`` naming the dotted ``key`` of the first value that is not plain JSON data (a string,
-    number, boolean, null, list, or mapping with string keys), such as a YAML/TOML date or set."""
-    if isinstance(value, dict):
-        for name, item in value.items():
-            if not isinstance(name, str):
-                raise ValueError(f"{source}: key {name!r} under {key or 'the top level'} is not a string")
-            _check_plain(item, source, f"{key}.{name}" if key else name)
-    elif isinstance(value, list):
-        for i, item in enumerate(value):
-            _check_plain(item, source, f"{key}[{i}]")
-    elif value is not None and not isinstance(value, str | int | float):  # bool is an int
-        raise ValueError(
-            f"{source}: {key} holds {type(value).__name__} {value!r}, not a plain value (string, number, boolean, "
-            "null, list or mapping)"
-        )
+    return build_dataclass(RunConfig, values, overrides)
 
 
 def load_run_config(path: str | Path, overrides: Iterable[str] | Mapping[str, Any] = ()) -> RunConfig:
@@ -362,130 +302,6 @@ def config_differences(a: RunConfig, b: RunConfig) -> list[str]:
     return sorted(key for key in leaves_a if leaves_a[key] != leaves_b[key])
 
 
-def _sections(config: RunConfig) -> list[tuple[Any, str]]:
-    """The root and each settings section, with the prefix of their dotted keys."""
-    nested = [(getattr(config, f.name), f"{f.name}.") for f in fields(config)]
-    return [(config, "")] + [(section, prefix) for section, prefix in nested if is_dataclass(section)]
-
-
 def config_leaves(config: RunConfig) -> dict[str, Any]:
     """Every setting by dotted key."""
-    return {
-        prefix + f.name: getattr(section, f.name)
-        for section, prefix in _sections(config)
-        for f in fields(section)
-        if not is_dataclass(getattr(section, f.name))
-    }
-
-
-def _split_override(override: str) -> tuple[str, str]:
-    key, sep, value = override.partition("=")
-    if not sep or not key.strip():
-        raise ValueError(f"override {override!r} must look like key.sub=value")
-    return key.strip(), value.strip()
-
-
-def _set_dotted(values: dict[str, Any], key: str, value: Any) -> None:
-    *parents, leaf = key.split(".")
-    node = values
-    for i, part in enumerate(parents):
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ValueError(f"{'.'.join(parents[: i + 1])} is not a section, so {key!r} cannot be set")
-        node = child
-    node[leaf] = value
-
-
-def _build(cls: type, values: Any, prefix: str) -> Any:
-    if not isinstance(values, Mapping):
-        raise ValueError(f"{prefix.rstrip('.') or 'the config'} must be a table/mapping; got {values!r}")
-    hints = get_type_hints(cls)
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"unknown config key {prefix + unknown[0]!r}; known keys here: {sorted(known)}")
-    kwargs = {}
-    for name, value in values.items():
-        annotation = hints[name]
-        if is_dataclass(annotation):
-            kwargs[name] = _build(annotation, value, f"{prefix}{name}.")
-        else:
-            kwargs[name] = _coerce(value, annotation, prefix + name)
-    return cls(**kwargs)
-
-
-def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    """``value`` as an instance of ``annotation`` (strings are parsed), or a ValueError naming ``key``."""
-    origin, args = get_origin(annotation), get_args(annotation)
-    if origin in (Union, types.UnionType):
-        if type(None) in args and (value is None or (isinstance(value, str) and value.lower() in _NONE_STRINGS)):
-            return None
-        (inner,) = [arg for arg in args if arg is not type(None)]
-        return _coerce(value, inner, key)
-    if origin is Literal:
-        if value not in args:
-            raise ValueError(f"{key} must be one of {list(args)}; got {value!r}")
-        return value
-    coerce = _SCALARS.get(annotation) or _CONTAINERS.get(origin)
-    if coerce is None:
-        raise TypeError(f"{key}: unsupported field type {annotation!r}")
-    try:
-        return coerce(value, args, key)
-    except (TypeError, ValueError, OverflowError) as error:
-        if str(error).startswith(key):
-            raise
-        raise ValueError(f"{key} must be {_describe(annotation)}; got {value!r}") from None
-
-
-def _to_int(value: Any, args: tuple, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        raise ValueError(value)
-    return int(value)
-
-
-def _to_float(value: Any, args: tuple, key: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise ValueError(value)
-    result = float(value)
-    if math.isnan(result):
-        raise ValueError(value)
-    return result
-
-
-def _to_str(value: Any, args: tuple, key: str) -> str:
-    if not isinstance(value, str):
-        raise ValueError(value)
-    return value
-
-
-def _to_list(value: Any, args: tuple, key: str) -> list:
-    if isinstance(value, str):
-        value = json.loads(value) if value.startswith("[") else [item.strip() for item in value.split(",") if item]
-    if not isinstance(value, list):
-        raise ValueError(value)
-    return [_coerce(item, args[0], f"{key}[{i}]") for i, item in enumerate(value)]
-
-
-def _to_dict(value: Any, args: tuple, key: str) -> dict:
-    if isinstance(value, str):
-        value = json.loads(value)
-    if not isinstance(value, dict):
-        raise ValueError(value)
-    return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
-
-
-_SCALARS: dict[Any, Callable[[Any, tuple, str], Any]] = {
-    int: _to_int,
-    float: _to_float,
-    str: _to_str,
-}
-_CONTAINERS: dict[Any, Callable[[Any, tuple, str], Any]] = {list: _to_list, dict: _to_dict}
-
-
-def _describe(annotation: Any) -> str:
-    origin = get_origin(annotation)
-    if origin is list:
-        return "a list (or comma-separated string)"
-    if origin is dict:
-        return "a mapping (or JSON object)"
-    return f"a{'n' if annotation is int else ''} {getattr(annotation, '__name__', annotation)}"
+    return leaves(config)

@@ -29,11 +29,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from fedlora.federated.checks import check_clients
-from fedlora.federated.client import ClientApp, ClientState
+from fedlora.federated.client import ClientState, FederatedClient
 from fedlora.federated.config import RunConfig, save_config
 from fedlora.federated.message import FitRes, Rejection
 from fedlora.federated.report import format_table, plot_scores, privacy_rows, round_title, summarize, train_rows
-from fedlora.federated.server import ServerApp
+from fedlora.federated.server import FederatedServer
 from fedlora.federated.storage import (
     Checkpoint,
     RunDir,
@@ -91,8 +91,8 @@ def run_rounds(
     config: RunConfig,
     run_dir: RunDir,
     checkpoint: Checkpoint | None,
-    server: ServerApp,
-    client: ClientApp,
+    server: FederatedServer,
+    client: FederatedClient,
     transport: Transport,
     *,
     heading: str,
@@ -167,7 +167,7 @@ def run_rounds(
 
 
 def publish_adapter(
-    client: ClientApp, shared: Mapping[str, Tensor], initial_personal: Mapping[str, Tensor], run: RunDir
+    client: FederatedClient, shared: Mapping[str, Tensor], initial_personal: Mapping[str, Tensor], run: RunDir
 ) -> None:
     """Write ``global_adapter/``: the global shared tensors with the initial personal (and frozen) tensors."""
     client.load(shared)
@@ -176,7 +176,7 @@ def publish_adapter(
         client.model.save_pretrained(tmp)
 
 
-def run_bytes(client: ClientApp, clients: int, rounds: int) -> int:
+def run_bytes(client: FederatedClient, clients: int, rounds: int) -> int:
     """:func:`~fedlora.federated.storage.estimate_run_bytes` for this adapter's tensors, ``clients`` and ``rounds``."""
     params = dict(client.model.named_parameters())
     sizes = {

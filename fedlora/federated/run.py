@@ -29,15 +29,15 @@ from transformers import PreTrainedTokenizerBase
 from fedlora.data import ClientData, FederatedData, build_federated_data
 from fedlora.federated.build import build_client, data_config
 from fedlora.federated.checks import check_device, check_eval_overrides
-from fedlora.federated.client import ClientApp, ClientState
+from fedlora.federated.client import ClientState, FederatedClient
 from fedlora.federated.config import RunConfig, load_run_config
 from fedlora.federated.message import FitIns, FitRes, Rejection
 from fedlora.federated.report import format_table, summarize
 from fedlora.federated.rounds import RoundReplies, Transport, run_rounds, with_round
 from fedlora.federated.rundir import open_run
-from fedlora.federated.server import ServerApp
+from fedlora.federated.server import FederatedServer
 from fedlora.federated.storage import Checkpoint, RunDir, atomic_write, recover_dir
-from fedlora.federated.strategy import Strategy
+from fedlora.federated.strategy import FederatedStrategy
 
 logger = logging.getLogger(__name__)
 POOLED_CLIENT = "pooled"
@@ -47,11 +47,11 @@ POOLED_CLIENT = "pooled"
 class Federation:
     """Everything a run needs in memory: the strategy, the PEFT model, the clients' data and the client app."""
 
-    strategy: Strategy
+    strategy: FederatedStrategy
     model: nn.Module
     tokenizer: PreTrainedTokenizerBase
     data: FederatedData
-    app: ClientApp
+    app: FederatedClient
 
 
 def train(
@@ -72,7 +72,7 @@ def train(
     adapter_dir = run_dir.global_adapter if run_dir.global_adapter.exists() else None
     fed = build_federation(config, adapter_dir=adapter_dir, model=model, tokenizer=tokenizer, progress=progress)
     config = replace(config, data=replace(config.data, prompt_format=fed.data.prompt_format))  # as resolved
-    server = ServerApp(fed.app.snapshot(fed.app.names["shared"]), config.server, config.seed, config.privacy)
+    server = FederatedServer(fed.app.snapshot(fed.app.names["shared"]), config.server, config.seed, config.privacy)
     transport = InProcess(fed, server, progress)
     sizes = [data.num_train_examples for data in fed.data.clients]
     heading = (
@@ -86,7 +86,7 @@ class InProcess(Transport):
     """The clients of ``fed``, trained one after another on its one model; the run directory keeps their states
     (a ``pooled`` strategy trains one client on the union of the clients' data, and scores every client)."""
 
-    def __init__(self, fed: Federation, server: ServerApp, progress: bool = True) -> None:
+    def __init__(self, fed: Federation, server: FederatedServer, progress: bool = True) -> None:
         self.fed, self.server, self.progress = fed, server, progress
         self.eval_states = {data.client_id: fed.app.new_state(data) for data in fed.data.clients}
         pooled = {POOLED_CLIENT: fed.app.new_state(_pooled(fed.data))} if fed.strategy.pooled else None
@@ -109,7 +109,9 @@ class InProcess(Transport):
         _load_clients(checkpoint, self.train_states.values(), run_dir)
 
 
-def fit_clients(app: ClientApp, states: Iterable[ClientState], ins: FitIns) -> tuple[list[FitRes], list[Rejection]]:
+def fit_clients(
+    app: FederatedClient, states: Iterable[ClientState], ins: FitIns
+) -> tuple[list[FitRes], list[Rejection]]:
     """Train each client for round ``ins.round``; returns the replies and the clients whose fit raised, with why.
 
     A failing client is logged and left out; the others are unaffected, since each client's seeds depend only on

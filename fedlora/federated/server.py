@@ -21,7 +21,7 @@ class RoundError(RuntimeError):
     of it was changed or committed."""
 
 
-class ServerApp:
+class FederatedServer:
     """Holds the global shared tensors x_t and updates them from the clients' :class:`FitRes` messages.
 
     Each round it samples ``max(1, round(fraction · N))`` clients (seeded by the run seed and the round) and sends

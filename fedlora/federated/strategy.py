@@ -9,7 +9,7 @@ A strategy names the adapter (FedDoRA or PEFT LoRA) and gives every adapter tens
 ``two_stage`` trains personal and shared tensors in separate stages with separate optimizers (FedLoRA-Optimizer);
 otherwise both are trained jointly. ``pooled`` trains one client on the union of all clients' training data.
 
-:meth:`Strategy.with_roles` gives a strategy other roles for some tensor kinds (the run setting
+:meth:`FederatedStrategy.with_roles` gives a strategy other roles for some tensor kinds (the run setting
 ``adapter.tensor_roles``), e.g. ``fedlora-opt`` with ``{"B.direction": "personal"}`` shares the A directions only.
 """
 
@@ -18,24 +18,30 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import ClassVar, Literal, Protocol
 
 from peft import LoraConfig, PeftConfig
 from torch import nn
 
 from fedlora.tuners.feddora import PAPER_TENSOR_ROLES, FedDoRAConfig
+from fedlora.tuners.feddora.config import ROLES
 
-if TYPE_CHECKING:
-    from fedlora.federated.config import AdapterSettings
-
-ROLES = ("shared", "personal", "frozen")
 _KIND_PATTERNS = {
     "feddora": re.compile(r"\.feddora_(?P<factor>[AB])\.[^.]+\.(?P<part>direction|magnitude)$"),
     "lora": re.compile(r"\.lora_(?P<factor>[AB])\.[^.]+\.weight$"),
 }
 
 
-class Strategy:
+class AdapterShape(Protocol):
+    """The adapter settings a strategy's PEFT config takes (``adapter.*`` of the run configuration)."""
+
+    r: int
+    alpha: float
+    dropout: float
+    target_modules: list[str]
+
+
+class FederatedStrategy:
     """Base class: the adapter type, the role of each tensor kind, and the two loop flags."""
 
     name: ClassVar[str]
@@ -44,7 +50,7 @@ class Strategy:
     two_stage: ClassVar[bool] = False
     pooled: ClassVar[bool] = False
 
-    def peft_config(self, settings: AdapterSettings) -> PeftConfig:
+    def peft_config(self, settings: AdapterShape) -> PeftConfig:
         """The PEFT config of this strategy's adapter (FedDoRA configs also record the tensor roles)."""
         modules = "all-linear" if settings.target_modules == ["all-linear"] else list(settings.target_modules)
         common = {
@@ -58,7 +64,7 @@ class Strategy:
             return FedDoRAConfig(**common, tensor_roles=dict(self.roles))
         return LoraConfig(**common)
 
-    def with_roles(self, tensor_roles: Mapping[str, str] | None) -> Strategy:
+    def with_roles(self, tensor_roles: Mapping[str, str] | None) -> FederatedStrategy:
         """This strategy with the tensor kinds named in ``tensor_roles`` given those roles (the others keep this
         strategy's); ``None`` or ``{}`` is this strategy itself. The kinds must be this adapter's, the roles in
         :data:`ROLES`, and at least one tensor kind must stay trained (shared or personal); otherwise a
@@ -101,7 +107,7 @@ class Strategy:
         return names
 
 
-class FedLoRAOpt(Strategy):
+class FedLoRAOpt(FederatedStrategy):
     """FedLoRA-Optimizer (arXiv 2510.11274): FedDoRA directions shared (trained by a global optimizer, averaged),
     magnitudes personal (trained by a local optimizer that keeps its state per client)."""
 
@@ -111,7 +117,7 @@ class FedLoRAOpt(Strategy):
     two_stage = True
 
 
-class FedIT(Strategy):
+class FedIT(FederatedStrategy):
     """FedIT (Zhang et al. 2024): LoRA, FedAvg over both lora_A and lora_B."""
 
     name = "fedit"
@@ -119,7 +125,7 @@ class FedIT(Strategy):
     roles = {"A": "shared", "B": "shared"}
 
 
-class FFALoRA(Strategy):
+class FFALoRA(FederatedStrategy):
     """FFA-LoRA (Sun et al. 2024): lora_A frozen at its (common) initialisation, lora_B averaged."""
 
     name = "ffa-lora"
@@ -127,7 +133,7 @@ class FFALoRA(Strategy):
     roles = {"A": "frozen", "B": "shared"}
 
 
-class FedSALoRA(Strategy):
+class FedSALoRA(FederatedStrategy):
     """FedSA-LoRA (Guo et al. 2025): lora_A averaged (general knowledge), lora_B kept by each client."""
 
     name = "fedsa-lora"
@@ -135,7 +141,7 @@ class FedSALoRA(Strategy):
     roles = {"A": "shared", "B": "personal"}
 
 
-class FedDoRA(Strategy):
+class FedDoRAAvg(FederatedStrategy):
     """FedDoRA with plain FedAvg: all four tensors trained jointly and averaged."""
 
     name = "fed-dora"
@@ -143,7 +149,7 @@ class FedDoRA(Strategy):
     roles = dict.fromkeys(PAPER_TENSOR_ROLES, "shared")
 
 
-class Local(Strategy):
+class Local(FederatedStrategy):
     """No communication: every client trains its own FedDoRA adapter (every tensor personal)."""
 
     name = "local"
@@ -151,7 +157,7 @@ class Local(Strategy):
     roles = dict.fromkeys(PAPER_TENSOR_ROLES, "personal")
 
 
-class Centralized(Strategy):
+class Centralized(FederatedStrategy):
     """Upper bound: one client trains FedDoRA (all tensors jointly) on the pooled training data of all clients,
     taking as many steps per round as all clients together."""
 
@@ -161,6 +167,6 @@ class Centralized(Strategy):
     pooled = True
 
 
-STRATEGIES: dict[str, Strategy] = {
-    cls.name: cls() for cls in (FedLoRAOpt, FedIT, FFALoRA, FedSALoRA, FedDoRA, Local, Centralized)
+STRATEGIES: dict[str, FederatedStrategy] = {
+    cls.name: cls() for cls in (FedLoRAOpt, FedIT, FFALoRA, FedSALoRA, FedDoRAAvg, Local, Centralized)
 }

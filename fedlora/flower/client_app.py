@@ -1,11 +1,11 @@
-"""The Flower ClientApp: one SuperNode's client, running fedlora's :class:`~fedlora.federated.client.ClientApp`.
+"""The Flower ClientApp: one SuperNode's client, running fedlora's :class:`~fedlora.federated.client.FederatedClient`.
 
 A SuperNode starts a fresh ClientApp process for every message, so each handler builds the node (model, adapter,
 data; see :mod:`fedlora.flower.node`) and reads the client's state of the round the message names from the node's
 disk:
 
 * ``query``: reply the node's client id (the server maps nodes to clients with it);
-* ``train``: load the received shared tensors, run :meth:`ClientApp.fit <fedlora.federated.client.ClientApp.fit>`,
+* ``train``: load the received shared tensors, run :meth:`FederatedClient.fit <fedlora.federated.client.FederatedClient.fit>`,
   write the new personal tensors and local optimizer state to the node's disk (atomically, before replying), reply
   the shared tensors and the number of training examples;
 * ``evaluate``: score the received shared tensors with the node's personal tensors on its test split (and on the

@@ -26,7 +26,7 @@ from datasets import Dataset
 
 from fedlora.data import ClientData, build_federated_data
 from fedlora.federated.build import build_client, data_config
-from fedlora.federated.client import ClientApp, ClientState
+from fedlora.federated.client import ClientState, FederatedClient
 from fedlora.federated.config import RunConfig
 from fedlora.federated.paths import client_dir_name
 from fedlora.federated.storage import ClientRounds
@@ -40,7 +40,7 @@ class Node:
     """One SuperNode's client: the client app (model + adapter), its data, the global test set if it has one, and
     where its states are kept."""
 
-    app: ClientApp
+    app: FederatedClient
     data: ClientData
     global_test: Dataset | None
     kept: ClientRounds

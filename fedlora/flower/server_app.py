@@ -21,7 +21,7 @@ from fedlora.federated.build import build_client
 from fedlora.federated.config import RunConfig
 from fedlora.federated.rounds import run_rounds
 from fedlora.federated.rundir import open_run
-from fedlora.federated.server import ServerApp as FedLoraServer
+from fedlora.federated.server import FederatedServer
 from fedlora.federated.strategy import STRATEGIES
 from fedlora.flower.config import FlowerSettings, from_run_config, run_output_dir
 from fedlora.flower.strategy import FedLoraStrategy, check_privacy, with_privacy
@@ -49,7 +49,7 @@ def serve(grid: Grid, config: RunConfig, settings: FlowerSettings) -> Path:
     config = replace(config, data=replace(config.data, prompt_format=prompt_format))
     node_ids = wait_for_nodes(grid, settings.min_nodes_for(config), settings.node_timeout)
     nodes = identify(grid, node_ids, settings.round_timeout)
-    server = FedLoraServer(client.snapshot(client.names["shared"]), config.server, config.seed, config.privacy)
+    server = FederatedServer(client.snapshot(client.names["shared"]), config.server, config.seed, config.privacy)
     fedlora = FedLoraStrategy(server, nodes)
     strategy = with_privacy(fedlora, settings, len(server.sample(1, list(nodes))))
     strategy.summary()

@@ -1,8 +1,8 @@
-"""A Flower strategy whose client sampling, aggregation and server optimizer are fedlora's ServerApp.
+"""A Flower strategy whose client sampling, aggregation and server optimizer are fedlora's FederatedServer.
 
 :class:`FedLoraStrategy` implements Flower's message-based :class:`~flwr.serverapp.strategy.Strategy`, so Flower's
 strategy wrappers (differential privacy) can wrap it; all the algorithm stays in
-:class:`fedlora.federated.server.ServerApp`. The arrays Flower passes to ``configure_train`` are taken as the
+:class:`fedlora.federated.server.FederatedServer`. The arrays Flower passes to ``configure_train`` are taken as the
 current global shared tensors, so whatever a wrapper did to the last aggregate (e.g. added noise) is what the
 clients train from next.
 """
@@ -26,7 +26,7 @@ from fedlora.federated.config import RunConfig
 from fedlora.federated.message import FitRes, Rejection
 from fedlora.federated.report import summarize
 from fedlora.federated.rounds import RoundReplies
-from fedlora.federated.server import ServerApp
+from fedlora.federated.server import FederatedServer
 from fedlora.flower.config import CENTRAL_DP, FlowerSettings
 from fedlora.flower.records import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, ROUND, STATE_ROUND, to_record, to_tensors
 
@@ -42,7 +42,7 @@ class FedLoraStrategy(Strategy):
     only records.
     """
 
-    def __init__(self, server: ServerApp, nodes: Mapping[str, int]) -> None:
+    def __init__(self, server: FederatedServer, nodes: Mapping[str, int]) -> None:
         self.server = server
         self.nodes = dict(nodes)
         self.clients = {node_id: client_id for client_id, node_id in nodes.items()}
@@ -66,7 +66,7 @@ class FedLoraStrategy(Strategy):
         the example-weighted means of the accepted clients' training metrics.
 
         A sampled client whose node sent an error or no reply is a failure; failures and rejections are logged and
-        count against ``server.min_clients`` (see :meth:`ServerApp.aggregate <fedlora.federated.server.ServerApp.
+        count against ``server.min_clients`` (see :meth:`FederatedServer.aggregate <fedlora.federated.server.FederatedServer.
         aggregate>`, which raises when too few clients are left).
         """
         good, failures = self._split_replies(replies, server_round, "failed")

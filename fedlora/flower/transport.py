@@ -17,7 +17,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedlora.federated.rounds import RoundReplies, Transport
-from fedlora.federated.server import ServerApp
+from fedlora.federated.server import FederatedServer
 from fedlora.flower.records import CLIENT_ID, CONFIG, to_record, to_tensors
 from fedlora.flower.strategy import FedLoraStrategy
 
@@ -31,7 +31,7 @@ class FlowerTransport(Transport):
     clients_keep_states = True
 
     def __init__(
-        self, grid: Grid, fedlora: FedLoraStrategy, strategy: Strategy, server: ServerApp, round_timeout: float
+        self, grid: Grid, fedlora: FedLoraStrategy, strategy: Strategy, server: FederatedServer, round_timeout: float
     ) -> None:
         self.grid, self.fedlora, self.strategy, self.server = grid, fedlora, strategy, server
         self.round_timeout = round_timeout
