@@ -30,7 +30,6 @@ from fedlora.federated import (
     train,
     weighted_average,
 )
-from fedlora.federated.build import data_config
 from fedlora.federated.config import ServerSettings
 from fedlora.federated.run import build_federation
 from tests.tiny import tiny_llama, tiny_tokenizer
@@ -157,7 +156,7 @@ def test_messages_carry_exactly_the_shared_tensors(strategy, make_config, run, e
         assert not set(res.tensors) & personal
         assert res.num_examples > 0 and res.metrics
     if strategy == "centralized":
-        clients = build_federated_data(data_config(config)).clients
+        clients = build_federated_data(config.data).clients
         assert exchanges[0][1].num_examples == sum(c.num_train_examples for c in clients)  # the pooled train splits
 
     assert set(load_file(run_dir / "checkpoint/global.safetensors")) == shared
@@ -349,7 +348,7 @@ def test_two_round_run_directory(make_config, run, tokenizer):
     base = tiny_llama(len(tokenizer))
     initial = {(r["split"], r["client"]): r["loss"] for r in rows if r["round"] == 0 and "client" in r}
     assert len(initial) == 6 and not [r for r in rows if r["round"] == 0 and r["split"] == "train"]
-    data = build_federated_data(data_config(config), tokenizer)
+    data = build_federated_data(config.data, tokenizer)
     global_loss = evaluate_loss(base, data.global_test, tokenizer.pad_token_id)["loss"]
     assert all(initial["global", c] == pytest.approx(global_loss, rel=1e-5) for c in ("client_0", "client_1"))
 
@@ -488,7 +487,9 @@ def test_config_files_and_overrides(tmp_path):
             "client.lr=3e-4",
             "client.max_grad_norm=none",
             "data.num_clients=null",
+            "data.partition=label",  # the number of clients follows from the labels
             "adapter.target_modules=q_proj,v_proj",
+            "data.source=file",  # columns apply to it
             'data.columns={"label": "topic"}',
             "server.optimizer=fedyogi",
         ],

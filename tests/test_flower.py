@@ -324,8 +324,9 @@ def test_run_config_round_trip_and_app(make_config, tmp_path):
     run_config = to_run_config(config, settings)
     assert set(run_config) == set(app_run_config())  # every key can be overridden with `flwr run --run-config`
     assert from_run_config(run_config) == (config, settings)
-    changed, _ = from_run_config({**run_config, "rounds": 5, "client.local_lr": "0.5", "data.num_clients": "none"})
-    assert (changed.rounds, changed.client.local_lr, changed.data.num_clients) == (5, 0.5, None)
+    changed, _ = from_run_config({**run_config, "rounds": 5, "client.local_lr": "0.5", "client.max_grad_norm": "none"})
+    assert (changed.rounds, changed.client.local_lr, changed.client.max_grad_norm) == (5, 0.5, None)
+    assert from_run_config({**app_run_config(), "seed": 5})[0].data.seed == 5  # the data split follows the seed
     flat = parse_config_args(['rounds=3 client.local_lr=0.01 adapter.tensor_roles=\'{"A.magnitude": "shared"}\''])
     changed, _ = from_run_config({**run_config, **flat})  # `flwr run --run-config` keys, as Flower parses them
     assert (changed.rounds, changed.client.local_lr, changed.adapter.tensor_roles) == (

@@ -273,7 +273,7 @@ def test_resume_with_fewer_rounds_than_committed(finished_run, tmp_path, capsys)
 
 
 @pytest.mark.bad_input
-@pytest.mark.parametrize("setting", ["seed=1", "data.num_clients=3", "data.test_fraction=0.5", "data.partition=iid"])
+@pytest.mark.parametrize("setting", ["seed=1", "data.num_clients=3", "data.test_fraction=0.5", "data.alpha=0.9"])
 def test_eval_refuses_settings_that_change_the_data_split(finished_run, capsys, setting):
     before = files(finished_run)
     err = fails(["eval", "--run-dir", str(finished_run), "--no-progress", "--set", setting], capsys)

@@ -19,6 +19,7 @@ from transformers import PreTrainedTokenizerBase
 
 from fedlora.data.loaders import DOLLY_COLUMNS, DOLLY_HUB_ID, load_instruction_dataset, load_natural_instructions
 from fedlora.data.partition import dirichlet_partition, iid_partition, label_partition, sample_indices
+from fedlora.data.samples import DOLLY_SAMPLE
 from fedlora.data.tokenization import PROMPT_FORMATS, PromptFormat, resolve_prompt_format, tokenize_dataset
 
 logger = logging.getLogger(__name__)
@@ -27,14 +28,19 @@ Source = Literal["dolly", "natural_instructions", "file"]
 Partition = Literal["dirichlet", "label", "iid", "files"]
 
 
+DOLLY_SAMPLE_ALIAS = "dolly-sample"  # a path naming the packaged Dolly sample (fedlora.data.samples.DOLLY_SAMPLE)
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    """Where the data comes from and how it is split across clients.
+    """Where the data comes from and how it is split across clients: also the ``data.*`` settings of a run
+    (:class:`fedlora.federated.config.RunConfig`, whose defaults are the quickstart's).
 
     Attributes:
         source: ``"dolly"`` (hub id or local Dolly .json/.jsonl), ``"natural_instructions"`` (task files) or
             ``"file"`` (any .json/.jsonl/.csv file or hub id, read through ``columns``).
-        path: a hub id, a file, a directory of NI task files, or a list of files.
+        path: a hub id, a file, a directory of NI task files, a list of files, or ``dolly-sample`` (the packaged
+            Dolly sample).
         columns: for ``source="file"``: normalised name → the file's column name, e.g. ``{"label": "category"}``
             (see ``load_instruction_dataset``; ``messages`` names a column of conversations).
         partition: ``"dirichlet"`` (label skew, ``alpha``), ``"label"`` (one label per client), ``"iid"`` or
@@ -50,11 +56,12 @@ class DataConfig:
         max_length: token budget per example when a tokenizer is given.
         prompt_format: ``"chat"`` (the tokenizer's chat template), ``"alpaca"``, ``"plain"`` or ``"auto"``
             (``chat`` when the tokenizer has a chat template, else ``alpaca``); see :mod:`fedlora.data.tokenization`.
-        seed: seeds sampling, partitioning and the train/test splits.
+            A run saves the format it resolved to in its config.yaml.
+        seed: seeds sampling, partitioning and the train/test splits; None (a run's default) is the run's ``seed``.
     """
 
     source: Source = "dolly"
-    path: str | Path | list[str | Path] = DOLLY_HUB_ID
+    path: str | list[str] = DOLLY_HUB_ID
     columns: dict[str, str] | None = None
     partition: Partition = "dirichlet"
     num_clients: int | None = None
@@ -65,7 +72,7 @@ class DataConfig:
     max_examples: int | None = None
     max_length: int = 512
     prompt_format: PromptFormat = "auto"
-    seed: int = 0
+    seed: int | None = 0
 
     def __post_init__(self) -> None:
         if self.source not in ("dolly", "natural_instructions", "file"):
@@ -78,8 +85,16 @@ class DataConfig:
             raise ValueError(f"columns only applies to source='file', not {self.source!r}")
         if self.partition in ("dirichlet", "iid") and self.num_clients is None:
             raise ValueError(f"partition={self.partition!r} needs num_clients")
+        if self.num_clients is not None and self.num_clients < 1:
+            raise ValueError(f"num_clients must be at least 1, got {self.num_clients}")
+        if not self.alpha > 0:
+            raise ValueError(f"alpha must be positive, got {self.alpha}")
         if self.min_examples < 1:
             raise ValueError(f"min_examples must be at least 1, got {self.min_examples}")
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be at least 2, got {self.max_length}")
+        if self.seed is not None and self.seed < 0:
+            raise ValueError(f"seed must be at least 0, got {self.seed}")
         if not 0 < self.test_fraction < 1:
             raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
         for name in ("global_test_size", "max_examples"):
@@ -168,6 +183,7 @@ def _load_named_datasets(config: DataConfig) -> list[tuple[str, Dataset]]:
         named = [(ds[0]["label"], ds) for ds in load_natural_instructions(config.path)]
     else:
         paths = [config.path] if isinstance(config.path, str | Path) else list(config.path)
+        paths = [DOLLY_SAMPLE if str(p) == DOLLY_SAMPLE_ALIAS else p for p in paths]
         if not paths:
             raise ValueError("DataConfig.path is an empty list")
         columns = DOLLY_COLUMNS if config.source == "dolly" else config.columns

@@ -1,5 +1,4 @@
-"""What every engine builds from a run configuration: a client trainer (the model with the strategy's adapter) and
-the settings of the clients' data.
+"""What every engine builds from a run configuration: a client trainer (the model with the strategy's adapter).
 
 :func:`build_client` is the one way a process gets its model: the in-process engine builds one for all clients,
 the Flower ServerApp one for the tensor names and ``global_adapter/``, every SuperNode one for its client. The
@@ -11,7 +10,6 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -23,10 +21,8 @@ from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from fedlora.data import DataConfig
-from fedlora.data.samples import DOLLY_SAMPLE
 from fedlora.federated.client import FederatedClient
-from fedlora.federated.config import DOLLY_SAMPLE_ALIAS, RunConfig
+from fedlora.federated.config import RunConfig
 from fedlora.federated.strategy import STRATEGIES
 from fedlora.models import load_model_and_tokenizer
 
@@ -65,12 +61,6 @@ def build_client(
         seed=config.seed,
         progress=progress,
     )
-
-
-def data_config(config: RunConfig) -> DataConfig:
-    """The :class:`fedlora.data.DataConfig` of a run (``dolly-sample`` names the packaged Dolly sample)."""
-    path = str(DOLLY_SAMPLE) if config.data.path == DOLLY_SAMPLE_ALIAS else config.data.path
-    return DataConfig(**{**asdict(config.data), "path": path, "seed": config.seed})
 
 
 def load_model(config: RunConfig, name: str | None = None) -> tuple[nn.Module, PreTrainedTokenizerBase]:

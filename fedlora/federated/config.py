@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import yaml
 
+from fedlora.data.federated import DOLLY_SAMPLE_ALIAS, DataConfig
 from fedlora.federated.loader import build_dataclass, leaves, read_config_file, sections
 from fedlora.federated.strategy import STRATEGIES
-
-DOLLY_SAMPLE_ALIAS = "dolly-sample"
 
 _positive = (lambda v: v > 0, "positive")
 _at_least_one = (lambda v: v >= 1, "at least 1")
@@ -57,38 +56,6 @@ class AdapterSettings:
     tensor_roles: dict[str, Literal["shared", "personal", "frozen"]] | None = None
 
     rules = {"r": _at_least_one, "alpha": _positive, "dropout": _unit}
-
-
-@dataclass
-class DataSettings:
-    """What :class:`fedlora.data.DataConfig` gets; ``path`` ``dolly-sample`` is the packaged Dolly sample.
-
-    ``prompt_format``: ``chat`` (the tokenizer's chat template), ``alpaca``, ``plain``, or ``auto`` (``chat`` when
-    the tokenizer has a chat template, else ``alpaca``); a run saves the format it resolved to in its config.yaml.
-    """
-
-    path: str = DOLLY_SAMPLE_ALIAS
-    source: Literal["dolly", "natural_instructions", "file"] = "dolly"
-    columns: dict[str, str] | None = None
-    partition: Literal["dirichlet", "label", "iid", "files"] = "dirichlet"
-    num_clients: int | None = 4
-    alpha: float = 0.5
-    min_examples: int = 10
-    test_fraction: float = 0.1
-    global_test_size: int | None = 8
-    max_examples: int | None = None
-    max_length: int = 128
-    prompt_format: Literal["auto", "chat", "alpaca", "plain"] = "auto"
-
-    rules = {
-        "num_clients": _at_least_one,
-        "alpha": _positive,
-        "min_examples": _at_least_one,
-        "test_fraction": (lambda v: 0 < v < 1, "in (0, 1)"),
-        "global_test_size": _at_least_one,
-        "max_examples": _at_least_one,
-        "max_length": (lambda v: v >= 2, "at least 2"),
-    }
 
 
 @dataclass
@@ -229,6 +196,10 @@ class EvalSettings:
     }
 
 
+RUN_DATA = DataConfig(path=DOLLY_SAMPLE_ALIAS, num_clients=4, global_test_size=8, max_length=128, seed=None)
+"""A run's data settings unless set: the packaged Dolly sample over 4 clients, split by the run's seed."""
+
+
 @dataclass
 class RunConfig:
     """A whole run. ``seed`` seeds the data split, adapter initialisation, client sampling and data order."""
@@ -240,7 +211,7 @@ class RunConfig:
     output_dir: str | None = None
     model: ModelSettings = field(default_factory=ModelSettings)
     adapter: AdapterSettings = field(default_factory=AdapterSettings)
-    data: DataSettings = field(default_factory=DataSettings)
+    data: DataConfig = RUN_DATA
     client: ClientSettings = field(default_factory=ClientSettings)
     server: ServerSettings = field(default_factory=ServerSettings)
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
@@ -258,11 +229,13 @@ class RunConfig:
             for name in (f.name for f in fields(section)):  # learning rates, clip norms, DP values, ...
                 if isinstance(value := getattr(section, name), float) and not math.isfinite(value):
                     raise ValueError(f"{prefix}{name} must be finite; got {value!r}")
-            for name, (check, description) in section.rules.items():
+            for name, (check, description) in getattr(section, "rules", {}).items():  # DataConfig checks itself
                 value = getattr(section, name)
                 if value is not None and not check(value):
                     raise ValueError(f"{prefix}{name} must be {description}; got {value!r}")
         self.privacy.check(self.server)
+        if self.data.seed is None:  # the data split follows the run's seed
+            self.data = replace(self.data, seed=self.seed)
 
     def to_dict(self) -> dict[str, Any]:
         """The configuration as plain nested dicts (what ``config.yaml`` holds)."""

@@ -13,7 +13,7 @@ import json
 import math
 import types
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import fields, is_dataclass
+from dataclasses import MISSING, Field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -119,22 +119,36 @@ def _set_dotted(values: dict[str, Any], key: str, value: Any) -> None:
     node[leaf] = value
 
 
-def _build(cls: type, values: Any, prefix: str) -> Any:
+def _build(cls: type, values: Any, prefix: str, base: Any = None) -> Any:
+    """A ``cls`` from ``values``: on top of ``base`` (a default instance) if given, each nested dataclass on top of
+    its field's default; a ``ValueError`` its construction raises is led by ``prefix``."""
     if not isinstance(values, Mapping):
         raise ValueError(f"{prefix.rstrip('.') or 'the config'} must be a table/mapping; got {values!r}")
     hints = get_type_hints(cls)
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - known)
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(values) - set(known))
     if unknown:
         raise ValueError(f"unknown config key {prefix + unknown[0]!r}; known keys here: {sorted(known)}")
     kwargs = {}
     for name, value in values.items():
         annotation = hints[name]
         if is_dataclass(annotation):
-            kwargs[name] = _build(annotation, value, f"{prefix}{name}.")
+            kwargs[name] = _build(annotation, value, f"{prefix}{name}.", _default(known[name]))
         else:
             kwargs[name] = _coerce(value, annotation, prefix + name)
-    return cls(**kwargs)
+    try:
+        return replace(base, **kwargs) if base is not None else cls(**kwargs)
+    except ValueError as error:
+        if not prefix or str(error).startswith(prefix):
+            raise
+        raise ValueError(f"{prefix}{error}") from None
+
+
+def _default(f: Field) -> Any:
+    """The default value of a dataclass field (None if it has none)."""
+    if f.default is not MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not MISSING else None
 
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
@@ -143,8 +157,13 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     if origin in (Union, types.UnionType):
         if type(None) in args and (value is None or (isinstance(value, str) and value.lower() in _NONE_STRINGS)):
             return None
-        (inner,) = [arg for arg in args if arg is not type(None)]
-        return _coerce(value, inner, key)
+        options = [arg for arg in args if arg is not type(None)]
+        for option in options[:-1]:  # the first type that takes the value (``str | list[str]``: a string first)
+            try:
+                return _coerce(value, option, key)
+            except ValueError:
+                continue
+        return _coerce(value, options[-1], key)
     if origin is Literal:
         if value not in args:
             raise ValueError(f"{key} must be one of {list(args)}; got {value!r}")

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from fedlora.data import ClientData, FederatedData, build_federated_data
-from fedlora.federated.build import build_client, data_config
+from fedlora.federated.build import build_client
 from fedlora.federated.checks import check_device, check_eval_overrides
 from fedlora.federated.client import ClientState, FederatedClient
 from fedlora.federated.config import RunConfig, load_run_config
@@ -199,7 +199,7 @@ def build_federation(
     """Load the model (unless given), build the clients' data, and add the strategy's adapter (see
     :func:`~fedlora.federated.build.build_client`)."""
     app = build_client(config, model=model, tokenizer=tokenizer, adapter_dir=adapter_dir, progress=progress)
-    data = build_federated_data(data_config(config), app.tokenizer)
+    data = build_federated_data(config.data, app.tokenizer)
     if app.strategy.pooled:  # one client does the work of all of them
         app.settings = replace(app.settings, steps=app.settings.steps * len(data.clients))
     return Federation(app.strategy, app.model, app.tokenizer, data, app)

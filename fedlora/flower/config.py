@@ -99,8 +99,12 @@ def is_settings_key(key: str) -> bool:
 
 
 def to_run_config(config: RunConfig, settings: FlowerSettings) -> dict[str, Any]:
-    """The run config that carries ``config`` and ``settings`` (what ``flwr run --run-config`` gets)."""
-    return {**{key: _flat(value) for key, value in config_leaves(config).items()}, **settings.to_run_config()}
+    """The run config that carries ``config`` and ``settings`` (what ``flwr run --run-config`` gets); a
+    ``data.seed`` equal to ``seed`` is ``none`` (the run's seed), so that ``--run-config seed=N`` moves both."""
+    leaves = config_leaves(config)
+    if leaves["data.seed"] == config.seed:
+        leaves["data.seed"] = None
+    return {**{key: _flat(value) for key, value in leaves.items()}, **settings.to_run_config()}
 
 
 def from_run_config(run_config: Mapping[str, Any]) -> tuple[RunConfig, FlowerSettings]:

@@ -85,8 +85,8 @@ def run_flower(
     The ServerApp runs on the SuperLink's machine and writes ``config.output_dir`` there (a fresh timestamped
     directory if unset; with ``settings.resume`` the run to continue), so call this on that machine to read the
     results. Without ``root_certificates`` the connection is insecure (no TLS). ``stream`` prints the run's log;
-    after ``timeout`` seconds the run is stopped and ``TimeoutError`` raised. A run that fails raises
-    :class:`FlowerRunError` with Flower's reason.
+    after ``timeout`` seconds (or on Ctrl-C) the run is stopped and ``TimeoutError`` (``KeyboardInterrupt``)
+    raised. A run that fails raises :class:`FlowerRunError` with Flower's reason.
     """
     settings = settings or FlowerSettings()
     config = run_output_dir(config, settings.resume)
@@ -108,6 +108,9 @@ def run_flower(
         except subprocess.TimeoutExpired:
             subprocess.run([_flwr_executable(), "stop", run_id, CONNECTION], env=env, capture_output=True)
             raise TimeoutError(f"Flower run {run_id} did not finish within {timeout} s; it was stopped") from None
+        except KeyboardInterrupt:  # Ctrl-C stops the run too, not only the log stream
+            subprocess.run([_flwr_executable(), "stop", run_id, CONNECTION], env=env, capture_output=True)
+            raise
         (run,) = _flwr(["list", CONNECTION, "--run-id", run_id, "--format", "json"], env)["runs"]
     if run["status"] != "finished:completed":
         raise FlowerRunError(f"Flower run {run_id} ended {run['status']}: {run['status-details']}")

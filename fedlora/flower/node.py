@@ -25,7 +25,7 @@ from typing import Any
 from datasets import Dataset
 
 from fedlora.data import ClientData, build_federated_data
-from fedlora.federated.build import build_client, data_config
+from fedlora.federated.build import build_client
 from fedlora.federated.client import ClientState, FederatedClient
 from fedlora.federated.config import RunConfig
 from fedlora.federated.paths import client_dir_name
@@ -56,14 +56,14 @@ def load_node(config: RunConfig, node_config: Mapping[str, Any]) -> Node:
     """The client of the SuperNode started with ``node_config`` (``--node-config``)."""
     app = build_client(config, model_path=node_config.get(MODEL_PATH), progress=False)
     if DATA_PATH in node_config:
-        files = replace(data_config(config), path=[str(node_config[DATA_PATH])], partition="files", num_clients=None)
+        files = replace(config.data, path=[str(node_config[DATA_PATH])], partition="files", num_clients=None)
         (client,) = build_federated_data(files, app.tokenizer).clients
         data, global_test = (
             ClientData(str(node_config.get(CLIENT_ID, client.client_id)), client.train, client.test),
             None,
         )
     elif PARTITION_ID in node_config:
-        federated = build_federated_data(data_config(config), app.tokenizer)
+        federated = build_federated_data(config.data, app.tokenizer)
         count, partition = len(federated.clients), int(node_config[PARTITION_ID])
         if node_config.get(NUM_PARTITIONS, count) != count:
             raise ValueError(f"{NUM_PARTITIONS}={node_config[NUM_PARTITIONS]} but the run's data has {count} clients")
