@@ -110,7 +110,9 @@ LORA_CASES = [
     ("Vanilla MLP 6", "MLP", {"target_modules": ["lin0"], "lora_alpha": 4, "lora_dropout": 0.1}),
     ("Embedding + transformers Conv1D 1", "EmbConv1D", {"target_modules": ["conv1d"]}),
 ]
-QUANTIZED_CASES = [(f"MLP {bits}-bit", f"MLP{bits}bit", {"target_modules": ["lin0", "lin1"]}) for bits in (4, 8)]
+QUANTIZED_CASES = [  # lora_alpha 32: an update well above the requantization error the merge test compares it with
+    (f"MLP {bits}-bit", f"MLP{bits}bit", {"target_modules": ["lin0", "lin1"], "lora_alpha": 32}) for bits in (4, 8)
+]
 CASES = [pytest.param(model, kwargs, id=name) for name, model, kwargs in LORA_CASES] + [
     pytest.param(model, kwargs, id=name, marks=BNB) for name, model, kwargs in QUANTIZED_CASES
 ]

@@ -261,7 +261,7 @@ def test_merge_unmerge_and_merge_and_unload(model_fn, dtype, tol):
     model = model_fn().eval().to(dtype)
     with torch.no_grad():
         base_logits = model(TOKENS).logits.float()
-    config = FedDoRAConfig(r=4, lora_alpha=8, target_modules="all-linear", init_weights=False)
+    config = FedDoRAConfig(r=4, lora_alpha=32, target_modules="all-linear", init_weights=False)  # a visible update
     peft_model = get_peft_model(model, config, autocast_adapter_dtype=False).eval()
     with torch.no_grad():
         adapted = peft_model(TOKENS).logits.float()

@@ -45,13 +45,15 @@ class FedDoRAConfig(PeftConfig):
         layers_pattern: Name of the layers ModuleList, used with ``layers_to_transform``.
         rank_pattern: Per-module rank overrides, ``{regex: r}``.
         alpha_pattern: Per-module lora_alpha overrides, ``{regex: alpha}``.
-        init_weights: V_A and V_B start kaiming-uniform (fan-in k and r), and one factor starts at zero through its
+        init_weights: V_A and V_B start as LoRA's A (uniform on ±1/√k), and one factor starts at zero through its
             magnitude while the other equals its direction, so the adapted model equals the base model exactly.
             ``True`` (= ``"zero_A"``): m_A = 0, m_B = ‖V_B‖_col (B = V_B); ``"zero_B"``: m_A = ‖V_A‖_col
-            (A = V_A), m_B = 0, the previous default; ``"gaussian"``: ``True`` with V_A ~ N(0, 1/r); ``False``:
-            both magnitudes equal their directions' norms, a nonzero update (for tests and experiments). With
-            ``zero_B`` only the r entries of m_B get a gradient at the first step and B's columns grow by about lr
-            per Adam step; with ``zero_A`` the k entries of m_A do (see the README's learning benchmark).
+            (A = V_A), m_B = 0 and V_B kaiming-uniform with its own fan-in r, the initialisation before the learning
+            benchmark; ``"gaussian"``: ``True`` with V_A ~ N(0, 1/r); ``False``: both magnitudes equal their
+            directions' norms, a nonzero update (for tests and experiments). Under Adam a direction's relative step
+            is about lr over its entries' size, so V_B at LoRA A's size (1/√k rather than 1/√r) keeps B learning as
+            LoRA's factors do, and B's columns (norm ≈ √(d/3k)) stay small enough for an lr of about 3× LoRA's (see
+            the README's learning benchmark).
         tensor_roles: For each of ``A.direction``, ``A.magnitude``, ``B.direction``, ``B.magnitude``: ``"shared"``
             (trained and averaged by the server), ``"personal"`` (trained, never leaves the client) or
             ``"frozen"`` (not trained). Defaults to the paper: directions shared, magnitudes personal.

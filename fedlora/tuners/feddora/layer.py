@@ -46,14 +46,14 @@ class MagnitudeDirection(nn.Module):
         """(V, m) in m's dtype: PEFT's adapter-dtype autocast upcasts parameters only, not a fixed V."""
         return self.direction.to(self.magnitude.dtype), self.magnitude
 
-    def reset(self, direction_init: str, magnitude_from_norm: bool) -> None:
-        """Initialise V (``kaiming`` uniform with fan-in ``cols``, as LoRA's A, or ``gaussian`` N(0, 1/rows)) and m
-        (‖V‖_col, so the factor equals V, or 0, so the factor is 0)."""
+    def reset(self, fan_in: int, gaussian: bool, magnitude_from_norm: bool) -> None:
+        """Initialise V uniform on ±1/√fan_in (kaiming-uniform with a = √5, LoRA's A init when fan_in is the layer's
+        in_features) or, if ``gaussian``, N(0, 1/rows); and m to ‖V‖_col (the factor equals V) or 0 (it is 0)."""
         with torch.no_grad():
-            if direction_init == "gaussian":
+            if gaussian:
                 nn.init.normal_(self.direction, std=1 / self.direction.shape[0])
             else:
-                nn.init.kaiming_uniform_(self.direction, a=math.sqrt(5))
+                nn.init.uniform_(self.direction, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
             if magnitude_from_norm:
                 self.magnitude.copy_(column_norm(self.direction))
             else:
@@ -109,11 +109,14 @@ class FedDoRALayer(BaseTunerLayer):
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def reset_feddora_parameters(self, adapter_name: str, init_weights: bool | str) -> None:
-        """One factor zero through its magnitude, the other equal to its direction (see ``FedDoRAConfig``)."""
+        """One factor zero through its magnitude, the other equal to its direction (see ``FedDoRAConfig``): V_A and
+        V_B drawn as LoRA's A (fan-in k), except V_B under ``zero_B``, which keeps its own fan-in r."""
         zero = zero_factor(init_weights)
-        direction_init = "gaussian" if init_weights == "gaussian" else "kaiming"
-        self.feddora_A[adapter_name].reset(direction_init, magnitude_from_norm=zero != "A")
-        self.feddora_B[adapter_name].reset("kaiming", magnitude_from_norm=zero != "B")
+        self.feddora_A[adapter_name].reset(
+            self.in_features, init_weights == "gaussian", magnitude_from_norm=zero != "A"
+        )
+        fan_in_b = self.r[adapter_name] if zero == "B" else self.in_features
+        self.feddora_B[adapter_name].reset(fan_in_b, False, magnitude_from_norm=zero != "B")
 
     def _freeze_non_trainable_peft_weights(self, adapter_names: str | list[str] | None = None) -> None:
         """Keep the tensors whose configured role is ``frozen`` out of training, whatever set_adapter enabled."""
