@@ -21,6 +21,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from fedlora import FedDoRAConfig
+from fedlora.federated.build import load_model
 from fedlora.federated.config import load_config
 from fedlora.models import load_model_and_tokenizer
 from fedlora.tuners.feddora import FedDoRALayer
@@ -262,6 +263,19 @@ def test_quantized_causal_lm_trains_saves_and_reloads_identically(quantization, 
     reloaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
     with torch.no_grad():
         assert torch.equal(reloaded(tokens).logits, logits)
+
+
+@BNB
+def test_run_setting_model_quantization_loads_the_base_quantized(tmp_path):
+    """``fedlora train --set model.quantization=4bit`` reaches the loader: the run's base has 4-bit linears."""
+    import bitsandbytes as bnb
+
+    tokenizer = tiny_tokenizer()
+    tiny_llama(len(tokenizer), hidden_size=64, intermediate_size=128).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    config = load_config(overrides=[f"model.name={tmp_path / 'base'}", "model.quantization=4bit"])
+    model, _ = load_model(config)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
 
 
 def test_run_setting_model_quantization_is_checked():

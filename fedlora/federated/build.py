@@ -43,7 +43,8 @@ def build_client(
     ``adapter_dir``."""
     if model is None or tokenizer is None:
         model, tokenizer = load_model(config, model_path)
-    model.to(config.device)
+    if getattr(model, "hf_quantizer", None) is None:  # a quantized base is placed while it loads
+        model.to(config.device)
     strategy = STRATEGIES[config.strategy].with_roles(config.adapter.tensor_roles)
     seed_everything(config.seed)
     if adapter_dir is None:
@@ -64,9 +65,12 @@ def build_client(
 
 
 def load_model(config: RunConfig, name: str | None = None) -> tuple[nn.Module, PreTrainedTokenizerBase]:
-    """The base model ``name`` (default ``config.model.name``) in ``config.model.dtype``, and its tokenizer."""
+    """The base model ``name`` (default ``config.model.name``) in ``config.model.dtype`` (with its linears quantized
+    by ``config.model.quantization``), and its tokenizer."""
     dtype = getattr(torch, config.model.dtype) if config.model.dtype else None
-    return load_model_and_tokenizer(name or config.model.name, device=config.device, dtype=dtype)
+    return load_model_and_tokenizer(
+        name or config.model.name, device=config.device, dtype=dtype, quantization=config.model.quantization
+    )
 
 
 def seed_everything(seed: int) -> None:
