@@ -9,19 +9,19 @@ engine's default) and scores the response-token loss of a fixed held-out set aft
 order of the training rows, the held-out rows are the same for all runs. Methods:
 
 * ``peft-lora``, ``peft-dora``: PEFT's LoRA and DoRA (B = 0 at the start);
-* ``feddora``: FedDoRA with its defaults (``init_weights=True``: m_A = 0, B = V_B);
-* ``feddora/zero_B``: FedDoRA's previous initialisation, m_B = 0 and A = V_A. Only the r entries of m_B get a
-  gradient at the first step, and a column of B has norm m_B[j], which grows by about lr per Adam step, whereas a
-  LoRA B column grows by about lr·√d_out;
-* ``feddora/zero_B+lr-m_B``: ``zero_B`` with m_B at lr·√d_out (LoRA+-style, matched to that growth).
+* ``feddora``: FedDoRA with its defaults (``init_weights=True``: m_A = 0, B = V_B, both directions drawn as LoRA's A);
+* ``feddora/zero_B``: FedDoRA's initialisation before this benchmark, m_B = 0 and A = V_A. Only the r entries of m_B
+  get a gradient at the first step, and a column of B has norm m_B[j], which grows by about lr per Adam step, whereas
+  a LoRA B column grows by about lr·√d_out.
 
 Each method is compared at its own best learning rate of ``--lrs`` (the lowest mean held-out loss over seeds at
 each reported step). Results go to ``<results-dir>/learning-<preset>-<UTC date>.{jsonl,md,png}``; runs already in
 the jsonl are not run again, so an interrupted benchmark continues where it stopped, and ``--methods NAME@LR`` runs
 one lr of a method (a sweep on ``--seeds 1`` followed by ``--seeds 3`` at the best lrs is what the README's table
-did). Presets: ``cpu`` (64-token sequences, batch 2, 200 steps, 32 held-out rows, 3 seeds, 2 lrs per method: 30 runs,
-each 9–23 minutes on a shared 2-core machine with one thread per worker, i.e. hours, not the 30 minutes it was
-meant to fit) and ``gpu`` (256 tokens, batch 8, 500 steps, 128 held-out rows, 5 seeds).
+did). Presets: ``cpu`` (64-token sequences, batch 2, 200 steps, 32 held-out rows, 3 seeds, 2 lrs per method: 24 runs, each
+5 minutes on an idle 2-core machine with one thread per worker and up to 18 on a shared one, so 1–3 hours with two
+workers, not the 30 minutes it was meant to fit) and ``gpu`` (256 tokens, batch 8, 500 steps, 128 held-out rows, 5
+seeds).
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import copy
-import math
 import multiprocessing
 import statistics
 import sys
@@ -89,12 +88,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 @dataclass(frozen=True)
 class Method:
-    """An adapter config and the learning-rate multiplier of each parameter (1 unless ``lr_scale`` says)."""
+    """An adapter config and the learning rates to try it at."""
 
     name: str
     config: Callable[[], PeftConfig]
     lrs: tuple[float, ...]
-    lr_scale: Callable[[str, nn.Module, nn.Parameter], float] | None = None
 
 
 def _lora(**kwargs: Any) -> Callable[[], PeftConfig]:
@@ -105,23 +103,13 @@ def _feddora(**kwargs: Any) -> Callable[[], PeftConfig]:
     return lambda: FedDoRAConfig(r=8, lora_alpha=16, target_modules=TARGET_MODULES, task_type="CAUSAL_LM", **kwargs)
 
 
-def _magnitude_b_lr(name: str, model: nn.Module, param: nn.Parameter) -> float:
-    """√d_out for every m_B (its column of B then grows at a LoRA B column's rate), 1 for everything else."""
-    return math.sqrt(model.get_submodule(name.split(".feddora_B.")[0]).out_features) if _is_m_b(name) else 1.0
-
-
-def _is_m_b(name: str) -> bool:
-    return ".feddora_B." in name and name.endswith(".magnitude")
-
-
 METHODS = {
     method.name: method
     for method in (
         Method("peft-lora", _lora(), (1e-3, 3e-3)),
         Method("peft-dora", _lora(use_dora=True), (1e-3, 3e-3)),
-        Method("feddora", _feddora(), (3e-4, 1e-3)),
+        Method("feddora", _feddora(), (1e-3, 3e-3)),
         Method("feddora/zero_B", _feddora(init_weights="zero_B"), (3e-3, 1e-2)),
-        Method("feddora/zero_B+lr-m_B", _feddora(init_weights="zero_B"), (1e-3, 3e-3), _magnitude_b_lr),
     )
 }
 
@@ -166,13 +154,8 @@ def run_job(job: Job) -> dict[str, Any]:
     method, settings = METHODS[job.method], _WORKER["settings"]
     torch.manual_seed(job.seed)
     model = get_peft_model(copy.deepcopy(_WORKER["model"]), method.config())
-    groups: dict[float, list[nn.Parameter]] = {}
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            scale = method.lr_scale(name, model, param) if method.lr_scale else 1.0
-            groups.setdefault(job.lr * scale, []).append(param)
-    params = [p for group in groups.values() for p in group]
-    optimizer = torch.optim.AdamW([{"params": g, "lr": lr} for lr, g in groups.items()], weight_decay=0.0)
+    params = [param for param in model.parameters() if param.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=job.lr, weight_decay=0.0)
     pad = _WORKER["tokenizer"].pad_token_id
     loader = DataLoader(
         _WORKER["train"].select_columns(["input_ids", "labels"]),
