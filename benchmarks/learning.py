@@ -18,7 +18,7 @@ Each method is compared at its own best learning rate of ``--lrs`` (the lowest m
 each reported step). Results go to ``<results-dir>/learning-<preset>-<UTC date>.{jsonl,md,png}``; runs already in
 the jsonl are not run again, so an interrupted benchmark continues where it stopped, and ``--methods NAME@LR`` runs
 one lr of a method (a sweep on ``--seeds 1`` followed by ``--seeds 3`` at the best lrs is what the README's table
-did). Presets: ``cpu`` (64-token sequences, batch 2, 200 steps, 32 held-out rows, 3 seeds, 2 lrs per method: 24 runs, each
+did). Presets: ``cpu`` (64-token sequences, batch 2, 200 steps, 32 held-out rows, 3 seeds, 10 lrs in all: 30 runs, each
 5 minutes on an idle 2-core machine with one thread per worker and up to 18 on a shared one, so 1–3 hours with two
 workers, not the 30 minutes it was meant to fit) and ``gpu`` (256 tokens, batch 8, 500 steps, 128 held-out rows, 5
 seeds).
@@ -106,9 +106,9 @@ def _feddora(**kwargs: Any) -> Callable[[], PeftConfig]:
 METHODS = {
     method.name: method
     for method in (
-        Method("peft-lora", _lora(), (1e-3, 3e-3)),
+        Method("peft-lora", _lora(), (1e-3, 2e-3, 3e-3)),
         Method("peft-dora", _lora(use_dora=True), (1e-3, 3e-3)),
-        Method("feddora", _feddora(), (1e-3, 3e-3)),
+        Method("feddora", _feddora(), (1e-3, 2e-3, 3e-3)),
         Method("feddora/zero_B", _feddora(init_weights="zero_B"), (3e-3, 1e-2)),
     )
 }

@@ -78,7 +78,7 @@ class ClientSettings:
     lr: float = 5e-3
     order: Literal["local-first", "global-first", "joint"] = "local-first"
     local_steps: int = 2
-    local_lr: float = 1.5e-2  # 3× lr: FedDoRA's best lr is 3× LoRA's (python -m benchmarks.learning, README)
+    local_lr: float = 1.5e-2  # 3× lr: FedDoRA's best lr is 2-3× LoRA's (python -m benchmarks.learning, README)
     global_steps: int = 2
     global_lr: float = 1.5e-2
 
