@@ -52,7 +52,7 @@ class FedDoRAConfig(PeftConfig):
             benchmark; ``"gaussian"``: ``True`` with V_A ~ N(0, 1/r); ``False``: both magnitudes equal their
             directions' norms, a nonzero update (for tests and experiments). Under Adam a direction's relative step
             is about lr over its entries' size, so V_B at LoRA A's size (1/√k rather than 1/√r) keeps B learning as
-            LoRA's factors do, and B's columns (norm ≈ √(d/3k)) stay small enough for an lr of about 3× LoRA's (see
+            LoRA's factors do, and B's columns (norm ≈ √(d/3k)) stay small enough for an lr 2–3× LoRA's (see
             the README's learning benchmark).
         tensor_roles: For each of ``A.direction``, ``A.magnitude``, ``B.direction``, ``B.magnitude``: ``"shared"``
             (trained and averaged by the server), ``"personal"`` (trained, never leaves the client) or
