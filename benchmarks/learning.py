@@ -303,7 +303,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         Job(name, lr, seed) for seed in range(seeds) for name, lrs in runs for lr in lrs if (name, lr, seed) not in done
     ]
     context = {"preset": args.preset, "settings": settings, "model": args.model}
-    context |= provenance("benchmarks.learning", argv if argv is not None else sys.argv[1:], torch.device("cpu"))
+    context |= provenance(
+        "benchmarks.learning", argv if argv is not None else sys.argv[1:], torch.device(settings["device"])
+    )
     print(f"{len(jobs)} runs ({len(done)} already in {path})", flush=True)
     spawn = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(
