@@ -31,6 +31,7 @@ from fedlora.federated import (
     weighted_average,
 )
 from fedlora.federated.config import ServerSettings
+from fedlora.federated.report import GLOBAL_MODEL
 from fedlora.federated.run import build_federation
 from tests.tiny import tiny_llama, tiny_tokenizer
 
@@ -261,40 +262,66 @@ def test_fedyogi_matches_hand_computation():
 # ------------------------------------------------------------------------------------------------- client stages
 
 
-def test_fedlora_opt_stages_touch_only_their_tensors(make_config, tokenizer):
-    config = make_config("client.local_steps=2", "client.global_steps=0")
+def stage_client(fed, config, **settings) -> FederatedClient:
+    """A client app on ``fed``'s model with other client settings (and ``fed``'s common personal values)."""
+    client = FederatedClient(
+        fed.model, fed.tokenizer, fed.strategy, replace(config.client, **settings), config.eval, max_length=48, seed=0,
+        progress=False,
+    )  # fmt: skip
+    client.common = fed.app.common
+    return client
+
+
+@pytest.mark.parametrize("order", ["global-then-local", "local-first"])
+def test_fedlora_opt_stages_touch_only_their_tensors(order, make_config, tokenizer):
+    config = make_config(f"client.order={order}")
     fed = build_federation(config, model=tiny_llama(len(tokenizer)), tokenizer=tokenizer, progress=False)
     app = fed.app
-    everything = [n for role in app.names.values() for n in role]
     assert set(app.names["shared"]) == DIRECTIONS and set(app.names["personal"]) == MAGNITUDES
     state = app.new_state(fed.data.clients[0])
+    ins = FitIns(1, app.snapshot(app.names["shared"]))
 
-    def changed_by(client_app: FederatedClient, round_: int) -> tuple[set[str], FitRes]:
-        ins = FitIns(round_, client_app.snapshot(client_app.names["shared"]))
-        client_app.load(state.personal)
-        before = client_app.snapshot(everything)
-        result = client_app.fit(state, ins)
-        after = client_app.snapshot(everything)
-        return {n for n in everything if not torch.equal(before[n], after[n])}, result
+    result = stage_client(fed, config, local_steps=2, global_steps=0).fit(state, ins)  # local stage only
+    assert all(torch.equal(result.tensors[n], ins.tensors[n]) for n in DIRECTIONS)
+    assert all(not torch.equal(state.personal[n], app.common[n]) for n in MAGNITUDES)
+    assert set(result.metrics) == {"train_loss_local"}
 
-    changed, result = changed_by(app, 1)  # local stage only
-    assert changed == MAGNITUDES
-    assert set(result.tensors) == DIRECTIONS and set(result.metrics) == {"train_loss_local"}
-    global_only = FederatedClient(
-        fed.model,
-        tokenizer,
-        fed.strategy,
-        replace(config.client, local_steps=0, global_steps=2),
-        config.eval,
-        max_length=48,
-        seed=0,
-        progress=False,
-    )
     personal_before = dict(state.personal)
-    changed, result = changed_by(global_only, 2)  # global stage only
-    assert changed == DIRECTIONS
+    result = stage_client(fed, config, local_steps=0, global_steps=2).fit(state, FitIns(2, ins.tensors))
+    assert all(not torch.equal(result.tensors[n], ins.tensors[n]) for n in DIRECTIONS)  # global stage only
     assert all(torch.equal(personal_before[n], state.personal[n]) for n in MAGNITUDES)
     assert set(result.metrics) == {"train_loss_global"}
+
+
+def test_global_stage_trains_the_global_model(make_config, tokenizer):
+    """In ``global-then-local`` the directions are trained under the common magnitudes, whatever the client's own
+    are: the sent directions equal those of a client at its common start; the local stage then moves only the
+    client's magnitudes (from its own values) and the sent directions are the global stage's."""
+    config = make_config("client.local_steps=2", "client.global_steps=2")
+    fed = build_federation(config, model=tiny_llama(len(tokenizer)), tokenizer=tokenizer, progress=False)
+    app, data = fed.app, fed.data.clients[0]
+    ins = FitIns(3, app.snapshot(app.names["shared"]))
+    personalised = app.new_state(data)
+    personalised.personal = {n: t * 1.5 for n, t in personalised.personal.items()}
+    personal_before = dict(personalised.personal)
+    sent_personalised = app.fit(personalised, ins).tensors
+    fresh = app.new_state(data)
+    global_only = stage_client(fed, config, local_steps=0).fit(fresh, ins).tensors
+    assert all(torch.equal(sent_personalised[n], global_only[n]) for n in DIRECTIONS)
+    assert all(not torch.equal(personalised.personal[n], personal_before[n]) for n in MAGNITUDES)
+    assert all(torch.equal(fresh.personal[n], app.common[n]) for n in MAGNITUDES)  # no local stage: untouched
+
+
+def test_shared_magnitudes_variant_refines_the_global_magnitudes(make_config, run, exchanges, tokenizer):
+    """``fedlora-opt-shared-magnitudes`` (outside the paper's rule) sends all four tensors, as trained in the global
+    stage, and keeps the magnitudes its local stage refines from there."""
+    run_dir = run(make_config("strategy=fedlora-opt-shared-magnitudes", "client.local_steps=2"))
+    for ins, result in exchanges:
+        assert set(result.tensors) == DIRECTIONS | MAGNITUDES
+    for _, result in exchanges:  # one round: each client's kept magnitudes are its sent ones, refined
+        kept = load_file(run_dir / "clients" / result.client_id / "personal.safetensors")
+        assert set(kept) == MAGNITUDES
+        assert all(not torch.equal(kept[n], result.tensors[n]) for n in MAGNITUDES)
 
 
 def test_fedlora_opt_joint_order_steps_both_optimizers_on_every_batch(make_config, tokenizer):
@@ -335,30 +362,36 @@ def test_two_round_run_directory(make_config, run, tokenizer):
 
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     for round_ in (1, 2):
-        for split in ("global", "local"):
+        for split, clients in (("global", {GLOBAL_MODEL}), ("local", {"client_0", "client_1", "client_2"})):
             per_client = [r for r in rows if r["round"] == round_ and r["split"] == split and "client" in r]
-            assert {r["client"] for r in per_client} == {"client_0", "client_1", "client_2"}
+            assert {r["client"] for r in per_client} == clients  # the global model is scored once
             assert all({"loss", "perplexity", "rougeL"} <= set(r) for r in per_client)
             (mean,) = [r for r in rows if r["round"] == round_ and r["split"] == split and "client" not in r]
-            assert mean["loss"] == pytest.approx(sum(r["loss"] for r in per_client) / 3)
+            assert mean["loss"] == pytest.approx(sum(r["loss"] for r in per_client) / len(clients))
             assert {"loss_std", "perplexity_std", "rougeL_std"} <= set(mean)
         assert len([r for r in rows if r["round"] == round_ and r["split"] == "train"]) == 3
-    # Round 0 (committed with round 1) scores the initial adapter, i.e. the base model, for every client.
+    # Round 0 (committed with round 1) scores the initial adapter, i.e. the base model.
     assert [r["round"] for r in rows if "client" not in r][:2] == [0, 0]
     base = tiny_llama(len(tokenizer))
     initial = {(r["split"], r["client"]): r["loss"] for r in rows if r["round"] == 0 and "client" in r}
-    assert len(initial) == 6 and not [r for r in rows if r["round"] == 0 and r["split"] == "train"]
+    assert len(initial) == 4 and not [r for r in rows if r["round"] == 0 and r["split"] == "train"]
     data = build_federated_data(config.data, tokenizer)
     global_loss = evaluate_loss(base, data.global_test, tokenizer.pad_token_id)["loss"]
-    assert all(initial["global", c] == pytest.approx(global_loss, rel=1e-5) for c in ("client_0", "client_1"))
+    assert initial["global", GLOBAL_MODEL] == pytest.approx(global_loss, rel=1e-5)
 
-    # The global adapter is a plain PEFT FedDoRA adapter holding the global directions.
-    loaded = PeftModel.from_pretrained(tiny_llama(len(tokenizer)), run_dir / "global_adapter")
+    # The global adapter is a plain PEFT FedDoRA adapter: the global directions with the common magnitudes. It is
+    # a trained model (its logits differ from the base model's), and it is exactly what the global score evaluates.
+    loaded = PeftModel.from_pretrained(tiny_llama(len(tokenizer)), run_dir / "global_adapter").eval()
     params = dict(loaded.named_parameters())
     global_tensors = load_file(run_dir / "checkpoint/global.safetensors")
     assert set(global_tensors) == DIRECTIONS
     assert all(torch.equal(params[name], value) for name, value in global_tensors.items())
-    assert loaded(input_ids=torch.tensor([[0, 5, 7]])).logits.isfinite().all()
+    tokens = torch.tensor([[0, 5, 7, 9]])
+    with torch.no_grad():
+        assert (loaded(input_ids=tokens).logits - base(input_ids=tokens).logits).abs().max() > 1e-3
+    final_global = next(r for r in rows if r["round"] == 2 and r["split"] == "global" and "client" in r)
+    adapter_loss = evaluate_loss(loaded, data.global_test, tokenizer.pad_token_id)["loss"]
+    assert adapter_loss == pytest.approx(final_global["loss"], rel=1e-5)
 
     # `fedlora eval` re-scores the saved run exactly as the last training-time evaluation did.
     evaluated = evaluate_run(run_dir, model=tiny_llama(len(tokenizer)), tokenizer=tokenizer, progress=False)

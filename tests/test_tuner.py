@@ -41,7 +41,28 @@ def adapted_linear(k=13, d=11, r=3, dtype=LAYER_DTYPE, **config_kwargs):
     return get_peft_model(model, config).to(dtype)
 
 
-@pytest.mark.parametrize("init_weights", [True, "gaussian", "zero_A", "zero_B"])
+@pytest.mark.parametrize("r", [2, 3, 4, 5])
+@pytest.mark.parametrize("init_weights", [True, "paired"])
+@pytest.mark.parametrize("model_fn", [tiny_llama, tiny_gpt2])
+def test_paired_init_equals_base_model_with_every_tensor_nonzero(model_fn, init_weights, r):
+    """The default start: B A = 0 through cancelling groups of rank-1 components (pairs; a triple at odd r), while
+    every magnitude and direction is non-zero and the factors equal their directions (m = ‖V‖_col)."""
+    model = model_fn().eval()
+    with torch.no_grad():
+        base_logits = model(TOKENS).logits
+    peft_model = get_peft_model(model, FedDoRAConfig(r=r, target_modules="all-linear", init_weights=init_weights))
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(TOKENS).logits, base_logits, rtol=0, atol=1e-6)
+    for layer in (m for m in peft_model.modules() if isinstance(m, FedDoRALinear)):
+        a, b = layer.feddora_A["default"], layer.feddora_B["default"]
+        for factor in (a, b):
+            assert torch.all(factor.magnitude > 0) and torch.all(factor.direction.norm(dim=0) > 0)
+            torch.testing.assert_close(factor.magnitude, factor.direction.norm(dim=0))
+        torch.testing.assert_close(b.direction @ a.direction, torch.zeros(b.direction.shape[0], a.direction.shape[1]))
+        assert torch.linalg.matrix_rank(a.direction) >= r // 2  # the groups are independent draws
+
+
+@pytest.mark.parametrize("init_weights", ["gaussian", "zero_A", "zero_B"])
 @pytest.mark.parametrize("model_fn", [tiny_llama, tiny_gpt2])
 def test_zero_init_equals_base_model_exactly(model_fn, init_weights):
     model = model_fn().eval()
@@ -60,7 +81,7 @@ def test_zero_init_equals_base_model_exactly(model_fn, init_weights):
 
 
 @pytest.mark.parametrize("r", [1, 4])
-@pytest.mark.parametrize("init_weights,first", [(True, {"A.magnitude"}), ("zero_B", {"B.magnitude"})])
+@pytest.mark.parametrize("init_weights,first", [("zero_A", {"A.magnitude"}), ("zero_B", {"B.magnitude"})])
 def test_zero_init_gradients(init_weights, first, r):
     """At step 1 only the zero factor's magnitude gets a gradient (m_A: k entries by default, m_B: r with
     ``zero_B``); after one optimizer step every trained tensor does (at r = 1 V_A is fixed, not trained)."""

@@ -1,8 +1,10 @@
 """The client app: local training and evaluation of one client at a time on a single shared PEFT model.
 
 The base model is loaded once; running a client only swaps adapter tensors in and out of it (copies into the
-existing parameters), so no client ever owns a model copy. A client's state between rounds is its personal
-tensors and the state of the optimizer that trains them (:class:`ClientState`).
+existing parameters), so no client ever owns a model copy. A client's state between rounds is the tensors it
+keeps (its personal tensors and, for a strategy's ``refined`` kinds, its refined values of shared ones) and the
+state of the optimizer that trains them (:class:`ClientState`). The global model is the shared tensors with the
+personal ones at their common values (the adapter's initial values, :attr:`FederatedClient.common`).
 """
 
 from __future__ import annotations
@@ -24,26 +26,19 @@ from fedlora.data import CausalLMCollator, ClientData
 from fedlora.evaluation import evaluate
 from fedlora.federated.config import ClientSettings, EvalSettings
 from fedlora.federated.message import FitIns, FitRes
-from fedlora.federated.strategy import FederatedStrategy
+from fedlora.federated.strategy import FederatedStrategy, Stage
 
 
 @dataclass
 class ClientState:
-    """What a client keeps between rounds; ``last_round`` is the last round it trained in (0: never)."""
+    """What a client keeps between rounds (``personal``: the values of the tensors it keeps, by parameter name);
+    ``last_round`` is the last round it trained in (0: never)."""
 
     client_id: str
     data: ClientData
     personal: dict[str, Tensor]
     optimizer_state: dict[str, Any] | None = None
     last_round: int = 0
-
-
-@dataclass
-class _Stage:
-    name: str
-    steps: int
-    names: list[str]
-    optimizers: list[torch.optim.Optimizer]
 
 
 def derive_seed(seed: int, round_: int, client_id: str) -> int:
@@ -54,12 +49,11 @@ def derive_seed(seed: int, round_: int, client_id: str) -> int:
 class FederatedClient:
     """Trains and evaluates clients on ``model`` (a PEFT model with the strategy's adapter).
 
-    ``fit`` loads the global shared tensors and the client's personal tensors, trains, and returns a
-    :class:`FitRes` carrying only the shared tensors. With a ``two_stage`` strategy the local optimizer trains
-    the personal tensors and a fresh global optimizer the shared ones, one stage after the other in
-    ``settings.order`` (``local-first``, ``global-first``), or both stepping on every batch of one stage of
-    ``local_steps + global_steps`` steps (``joint``); otherwise both optimizers step together on every batch. In each stage only that stage's
-    tensors require gradients, so a stage cannot change any other tensor.
+    ``fit`` loads the global shared tensors, runs the strategy's stages (:meth:`FederatedStrategy.stages
+    <fedlora.federated.strategy.FederatedStrategy.stages>`) and returns a :class:`FitRes` carrying only the shared
+    tensors, as the last stage that trained them left them. Shared tensors are trained by a global optimizer
+    (fresh every round), personal and refined ones by a local optimizer whose state the client keeps. In each stage
+    only that stage's tensors require gradients, so a stage cannot change any other tensor.
     """
 
     def __init__(
@@ -85,10 +79,17 @@ class FederatedClient:
         self.names = strategy.tensor_names(model)
         self._params = dict(model.named_parameters())
         self._device = next(model.parameters()).device
+        self.common = self.snapshot(self.names["personal"])
+        """The personal tensors' common values (the adapter's start): with the shared tensors, the global model."""
+
+    @property
+    def kept_names(self) -> list[str]:
+        """The tensors a client keeps after training: its personal ones and its refined values of shared ones."""
+        return self.names["personal"] + self.names["refined"]
 
     def new_state(self, data: ClientData) -> ClientState:
-        """A client that has not trained yet: its personal tensors are the model's current (initial) values."""
-        return ClientState(data.client_id, data, self.snapshot(self.names["personal"]))
+        """A client that has not trained yet: its personal tensors at their common values."""
+        return ClientState(data.client_id, data, dict(self.common))
 
     def snapshot(self, names: Sequence[str]) -> dict[str, Tensor]:
         """Detached CPU copies of the named adapter tensors."""
@@ -103,41 +104,59 @@ class FederatedClient:
             for name, value in tensors.items():
                 self._params[name].copy_(value)
 
+    def load_model(self, shared: Mapping[str, Tensor], state: ClientState | None = None) -> None:
+        """Load the global model (``shared`` with the common personal values) or, given ``state``, that client's
+        model (its kept tensors over the global model)."""
+        self.load(shared)
+        self.load(self.common)
+        if state is not None:
+            self.load(state.personal)
+
     def fit(self, state: ClientState, ins: FitIns) -> FitRes:
         """Train one client for one round (updating ``state`` in place) and return what it sends."""
-        self.load(ins.tensors)
-        self.load(state.personal)
+        self.load_model(ins.tensors)
         seed = derive_seed(self.seed, ins.round, state.client_id)
         torch.manual_seed(seed)  # dropout
         batches = self._batches(state.data.train, torch.Generator().manual_seed(seed))
-        local = self._optimizer(self.names["personal"], self._lr("local"))
+        local = self._optimizer(self.kept_names, self.strategy.lr("personal", self.settings))
         if local is not None and state.optimizer_state is not None:
             local.load_state_dict(state.optimizer_state)
-        shared = self._optimizer(self.names["shared"], self._lr("global"))
-        stages = [stage for stage in self._stages(local, shared) if stage.steps and stage.names]
+        shared = self._optimizer(self.names["shared"], self.strategy.lr("shared", self.settings))
+        optimizers = {"shared": shared, "personal": local, "refined": local}
+        stages = [stage for stage in self.strategy.stages(self.settings) if stage.steps and self._trained(stage)]
 
         self.model.train()
         metrics: dict[str, float] = {}
-        total = sum(stage.steps for stage in stages)
+        sent = self.snapshot(self.names["shared"])
+        personalised = False
         with tqdm(
-            total=total, desc=f"round {ins.round} {state.client_id}", leave=False, disable=not self.progress
+            total=sum(stage.steps for stage in stages),
+            desc=f"round {ins.round} {state.client_id}",
+            leave=False,
+            disable=not self.progress,
         ) as bar:
             for stage in stages:
-                losses = self._train(stage, batches, bar)
+                if stage.personal and not personalised:
+                    personalised = self._load_personal(state)
+                stage_optimizers = list({id(o): o for g in stage.trains if (o := optimizers[g]) is not None}.values())
+                losses = self._train(stage, stage_optimizers, batches, bar)
                 metrics[f"train_loss_{stage.name}"] = float(np.mean(losses))
+                if "shared" in stage.trains:
+                    sent = self.snapshot(self.names["shared"])
         self._set_trainable(self.names["shared"] + self.names["personal"])
-
-        state.personal = self.snapshot(self.names["personal"])
+        if not personalised:  # no stage trained the client's own tensors: it keeps them as they were
+            self._load_personal(state)
+        state.personal = self.snapshot(self.kept_names)
         state.optimizer_state = local.state_dict() if local is not None else None
         state.last_round = ins.round
-        return FitRes(state.client_id, self.snapshot(self.names["shared"]), len(state.data.train), metrics)
+        return FitRes(state.client_id, sent, len(state.data.train), metrics)
 
     def evaluate(
-        self, state: ClientState, shared: Mapping[str, Tensor], datasets: Mapping[str, Dataset]
+        self, state: ClientState | None, shared: Mapping[str, Tensor], datasets: Mapping[str, Dataset]
     ) -> dict[str, dict[str, float]]:
-        """The client's model (``shared`` + its personal tensors) scored on each named dataset."""
-        self.load(shared)
-        self.load(state.personal)
+        """The global model (``state`` None) or a client's model (see :meth:`load_model`) scored on each named
+        dataset."""
+        self.load_model(shared, state)
         return {
             split: evaluate(
                 self.model,
@@ -152,25 +171,15 @@ class FederatedClient:
             for split, dataset in datasets.items()
         }
 
-    def _lr(self, stage: str) -> float:
-        if not self.strategy.two_stage:
-            return self.settings.lr
-        return self.settings.local_lr if stage == "local" else self.settings.global_lr
+    def _load_personal(self, state: ClientState) -> bool:
+        self.load({name: state.personal[name] for name in self.names["personal"]})
+        return True
 
-    def _stages(self, local: torch.optim.Optimizer | None, shared: torch.optim.Optimizer | None) -> list[_Stage]:
-        personal, global_ = self.names["personal"], self.names["shared"]
-        if not self.strategy.two_stage:
-            optimizers = [opt for opt in (local, shared) if opt is not None]
-            return [_Stage("joint", self.settings.steps, personal + global_, optimizers)]
-        local_opt, shared_opt = [local] if local is not None else [], [shared] if shared is not None else []
-        if self.settings.order == "joint":
-            steps = self.settings.local_steps + self.settings.global_steps
-            return [_Stage("joint", steps, personal + global_, local_opt + shared_opt)]
-        stages = [
-            _Stage("local", self.settings.local_steps, personal, local_opt),
-            _Stage("global", self.settings.global_steps, global_, shared_opt),
-        ]
-        return stages if self.settings.order == "local-first" else stages[::-1]
+    def _stage_names(self, stage: Stage) -> list[str]:
+        return [name for group in stage.trains for name in self.names[group]]
+
+    def _trained(self, stage: Stage) -> bool:
+        return bool(self._stage_names(stage))
 
     def _optimizer(self, names: list[str], lr: float) -> torch.optim.Optimizer | None:
         if not names:
@@ -180,16 +189,23 @@ class FederatedClient:
             return torch.optim.SGD(params, lr=lr, weight_decay=self.settings.weight_decay)
         return torch.optim.AdamW(params, lr=lr, weight_decay=self.settings.weight_decay)
 
-    def _train(self, stage: _Stage, batches: Iterator[dict[str, Tensor]], bar: tqdm) -> list[float]:
-        self._set_trainable(stage.names)
-        params = [self._params[name] for name in stage.names]
+    def _train(
+        self,
+        stage: Stage,
+        optimizers: Sequence[torch.optim.Optimizer],
+        batches: Iterator[dict[str, Tensor]],
+        bar: tqdm,
+    ) -> list[float]:
+        names = self._stage_names(stage)
+        self._set_trainable(names)
+        params = [self._params[name] for name in names]
         losses = []
         for _ in range(stage.steps):
             loss = self.model(**next(batches)).loss
             loss.backward()
             if self.settings.max_grad_norm is not None:
                 nn.utils.clip_grad_norm_(params, self.settings.max_grad_norm)
-            for optimizer in stage.optimizers:
+            for optimizer in optimizers:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())

@@ -60,14 +60,15 @@ class AdapterSettings:
 
 @dataclass
 class ClientSettings:
-    """Local training on each client.
+    """Local training on each client; the strategy decides which of these it uses (see
+    :mod:`fedlora.federated.strategy`).
 
-    Every strategy but ``fedlora-opt`` trains its shared and personal tensors jointly for ``steps`` steps at
-    ``lr``. ``fedlora-opt`` trains the personal tensors with the local optimizer (at ``local_lr``) and the shared
-    ones with the global optimizer (at ``global_lr``), in ``order``: ``local-first`` or ``global-first`` run two
-    stages (``local_steps`` on the personal tensors, ``global_steps`` on the shared ones); ``joint`` runs one stage
-    of ``local_steps + global_steps`` batches on each of which both optimizers step. The optimizer of the personal
-    tensors keeps its state per client across rounds; the one of the shared tensors starts fresh every round. Gradients are clipped to ``max_grad_norm`` (None: no clipping).
+    Single-stage strategies train their shared and personal tensors jointly for ``steps`` steps at ``lr``.
+    ``fedlora-opt`` trains the shared tensors with the global optimizer (``global_steps`` at ``global_lr``, fresh
+    every round) and the personal ones with the local optimizer (``local_steps`` at ``local_lr``, its state kept
+    per client), in ``order``: ``global-then-local`` (the global model first, then the client's own magnitudes),
+    ``local-first``, ``global-first`` or ``joint`` (see :class:`~fedlora.federated.strategy.FedLoRAOpt`).
+    Gradients are clipped to ``max_grad_norm`` (None: no clipping).
     """
 
     batch_size: int = 2
@@ -76,7 +77,7 @@ class ClientSettings:
     max_grad_norm: float | None = 1.0
     steps: int = 4
     lr: float = 5e-3
-    order: Literal["local-first", "global-first", "joint"] = "local-first"
+    order: Literal["global-then-local", "local-first", "global-first", "joint"] = "global-then-local"
     local_steps: int = 2
     local_lr: float = 1.5e-2  # 3× lr: FedDoRA's best lr is 2-3× LoRA's (python -m benchmarks.learning, README)
     global_steps: int = 2

@@ -2,8 +2,8 @@
 
 ``metrics.jsonl`` holds one object per line: per-client rows ``{"round", "split", "client", ...}`` with split
 ``"train"`` (training losses, ``num_examples`` and ``status``: ``ok``, ``rejected`` or ``failed``, the last two with a
-``reason``; see :func:`train_rows`), ``"local"`` (the client's model on its own test split) or
-``"global"`` (on the pooled global test set), and per-split summary rows ``{"round", "split", "clients",
+``reason``; see :func:`train_rows`), ``"local"`` (the client's model on its own test split) or ``"global"`` (the
+global model, once a round, on the pooled global test set; its ``client`` is :data:`GLOBAL_MODEL`), and per-split summary rows ``{"round", "split", "clients",
 <metric>, <metric>_std}`` without a ``client`` key: the mean and population standard deviation over clients.
 """
 
@@ -21,6 +21,8 @@ from fedlora.federated.message import FitRes, Rejection
 from fedlora.federated.storage import atomic_write
 
 EVAL_SPLITS = ("global", "local")
+GLOBAL_MODEL = "global-model"
+"""The ``client`` of the global model's score row (split ``global``)."""
 METRICS = ("loss", "perplexity", "rougeL")
 PLOTTED = ("loss", "rougeL")
 

@@ -6,11 +6,12 @@ scored and printed, so each run shows its improvement; its rows are committed wi
 1. trains the sampled clients and aggregates their replies into the new global shared tensors
    x_{t+1} = server_optimizer(x_t, Δ_t) (:meth:`Transport.train`);
 2. adds one ``train`` row per sampled client and, with differential privacy, the ε spent so far at δ;
-3. every ``eval.every`` rounds and after the last, scores every client's model (x_{t+1} + its personal tensors)
-   on its own test split and on the global test set, and prints the round's table;
+3. every ``eval.every`` rounds and after the last, scores the global model (x_{t+1} with the common personal
+   values: what ``global_adapter/`` holds) on the global test set once, and every client's model (x_{t+1} with its
+   personal tensors) on its own test split, and prints the round's table;
 4. commits the round: the metrics rows, the plot, the trained clients' states (where the run directory keeps
    them) and the checkpoint (global tensors, server optimizer, each client's last round, RNG states);
-5. publishes ``global_adapter/``.
+5. publishes ``global_adapter/``: the global model.
 
 A :class:`Transport` reaches the clients: :class:`fedlora.federated.run.InProcess` calls them in this process,
 :class:`fedlora.flower.transport.FlowerTransport` sends Flower messages to SuperNodes, which keep their clients'
@@ -76,7 +77,8 @@ class Transport:
         raise NotImplementedError
 
     def evaluate(self, round_: int, client_rounds: Mapping[str, int]) -> list[dict[str, Any]]:
-        """Every client scored with the server's global tensors: ``{"split", "client", <metric>: value}`` rows."""
+        """The global model's score on the global test set and every client's on its own test split, with the
+        server's global tensors: ``{"split", "client", <metric>: value}`` rows."""
         raise NotImplementedError
 
     def trained_states(self, results: Sequence[FitRes]) -> list[ClientState]:
@@ -100,8 +102,8 @@ def run_rounds(
 ) -> Path:
     """Run rounds ``checkpoint.round + 1`` (or 1) to ``config.rounds`` of the run in ``run_dir``; returns its path.
 
-    ``client`` is this process's model with the run's initial adapter: it gives the tensor names, the initial
-    personal tensors that ``global_adapter/`` holds, and the run's size on disk. ``heading`` is printed first.
+    ``client`` is this process's model with the run's initial adapter: it gives the tensor names, the common
+    personal values that ``global_adapter/`` holds, and the run's size on disk. ``heading`` is printed first.
     """
     client_ids = transport.clients
     check_clients(config, client_ids)  # each its own state directory; server.min_clients not above their number
@@ -109,8 +111,7 @@ def run_rounds(
     run_dir.path.mkdir(parents=True, exist_ok=True)  # only now that the model and data loaded
     atomic_write(run_dir.inside(run_dir.config), lambda tmp: save_config(config, tmp))
     run_dir.write_client_names(client_ids)
-    initial_personal = client.snapshot(client.names["personal"])
-    persisted = bool(client.names["personal"])  # only clients with personal tensors have state to keep
+    persisted = bool(client.kept_names)  # only clients that keep tensors have state to keep
     client_rounds: dict[str, int] = {}
     if checkpoint is not None:
         server.global_tensors = checkpoint.global_tensors
@@ -118,7 +119,7 @@ def run_rounds(
         transport.restore(checkpoint, run_dir)
         set_rng_state(checkpoint.rng)
         client_rounds = dict(checkpoint.client_rounds)
-    publish_adapter(client, server.global_tensors, initial_personal, run_dir)  # also repairs one a crash left stale
+    publish_adapter(client, server.global_tensors, run_dir)  # also repairs one a crash left stale
     plot_scores(run_dir.read_metrics(), run_dir.inside(run_dir.plot))
     start = checkpoint.round if checkpoint else 0
     tqdm.write(f"{heading}, rounds {start + 1}..{config.rounds}, run dir {run_dir.path}")
@@ -161,17 +162,15 @@ def run_rounds(
                 clients_keep_states=transport.clients_keep_states,
             )
             run_dir.commit_round(checkpoint, transport.trained_states(replies.results) if persisted else [])
-            publish_adapter(client, server.global_tensors, initial_personal, run_dir)
+            publish_adapter(client, server.global_tensors, run_dir)
         rows = []
     return run_dir.path
 
 
-def publish_adapter(
-    client: FederatedClient, shared: Mapping[str, Tensor], initial_personal: Mapping[str, Tensor], run: RunDir
-) -> None:
-    """Write ``global_adapter/``: the global shared tensors with the initial personal (and frozen) tensors."""
-    client.load(shared)
-    client.load(initial_personal)
+def publish_adapter(client: FederatedClient, shared: Mapping[str, Tensor], run: RunDir) -> None:
+    """Write ``global_adapter/``: the global model, the global shared tensors with the common personal (and frozen)
+    values."""
+    client.load_model(shared)
     with atomic_dir(run.inside(run.global_adapter)) as tmp:
         client.model.save_pretrained(tmp)
 
@@ -179,11 +178,17 @@ def publish_adapter(
 def run_bytes(client: FederatedClient, clients: int, rounds: int) -> int:
     """:func:`~fedlora.federated.storage.estimate_run_bytes` for this adapter's tensors, ``clients`` and ``rounds``."""
     params = dict(client.model.named_parameters())
-    sizes = {
-        role: sum(params[n].numel() * params[n].element_size() for n in names) for role, names in client.names.items()
-    }
+
+    def size(names: Sequence[str]) -> int:
+        return sum(params[n].numel() * params[n].element_size() for n in names)
+
+    adapter = sum(size(client.names[role]) for role in ("shared", "personal", "frozen"))
     return estimate_run_bytes(
-        shared=sizes["shared"], personal=sizes["personal"], adapter=sum(sizes.values()), clients=clients, rounds=rounds
+        shared=size(client.names["shared"]),
+        personal=size(client.kept_names),
+        adapter=adapter,
+        clients=clients,
+        rounds=rounds,
     )
 
 

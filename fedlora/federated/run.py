@@ -4,8 +4,9 @@
 the strategy's adapter (:func:`build_federation`) and hands the rounds to the round driver
 (:func:`~fedlora.federated.rounds.run_rounds`) with :class:`InProcess` as its transport: a sampled client loads
 the global shared tensors and its personal state, trains, and returns a :class:`~fedlora.federated.message.FitRes`
-(:func:`fit_clients`); every client is scored on its own test split and on the pooled global test set
-(:func:`evaluate_round`); the run directory keeps the clients' states. :func:`evaluate_run` re-scores a saved run.
+(:func:`fit_clients`); the global model is scored once on the pooled global test set and every client's model on
+its own test split (:func:`evaluate_round`); the run directory keeps the clients' states. :func:`evaluate_run`
+re-scores a saved run.
 
 Determinism: the data split, the adapter initialisation, client sampling (seed, round) and each client's data
 order and dropout (seed, round, client) are all seeded, and the checkpoint holds the global RNG states, so a run
@@ -21,18 +22,17 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from datasets import Dataset, concatenate_datasets
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from fedlora.data import ClientData, FederatedData, build_federated_data
+from fedlora.data import FederatedData, build_federated_data
 from fedlora.federated.build import build_client
 from fedlora.federated.checks import check_device, check_eval_overrides
 from fedlora.federated.client import ClientState, FederatedClient
 from fedlora.federated.config import RunConfig, load_run_config
 from fedlora.federated.message import FitIns, FitRes, Rejection
-from fedlora.federated.report import format_table, summarize
+from fedlora.federated.report import GLOBAL_MODEL, format_table, summarize
 from fedlora.federated.rounds import RoundReplies, Transport, run_rounds, with_round
 from fedlora.federated.rundir import open_run
 from fedlora.federated.server import FederatedServer
@@ -40,7 +40,6 @@ from fedlora.federated.storage import Checkpoint, RunDir, atomic_write, recover_
 from fedlora.federated.strategy import FederatedStrategy
 
 logger = logging.getLogger(__name__)
-POOLED_CLIENT = "pooled"
 
 
 @dataclass
@@ -84,13 +83,16 @@ def train(
 
 class InProcess(Transport):
     """The clients of ``fed``, trained one after another on its one model; the run directory keeps their states
-    (a ``pooled`` strategy trains one client on the union of the clients' data, and scores every client)."""
+    (the strategy's :meth:`~fedlora.federated.strategy.FederatedStrategy.training_clients` train; every client is
+    scored)."""
 
     def __init__(self, fed: Federation, server: FederatedServer, progress: bool = True) -> None:
         self.fed, self.server, self.progress = fed, server, progress
         self.eval_states = {data.client_id: fed.app.new_state(data) for data in fed.data.clients}
-        pooled = {POOLED_CLIENT: fed.app.new_state(_pooled(fed.data))} if fed.strategy.pooled else None
-        self.train_states = pooled or self.eval_states
+        trainers = fed.strategy.training_clients(fed.data.clients)
+        self.train_states = {
+            data.client_id: self.eval_states.get(data.client_id) or fed.app.new_state(data) for data in trainers
+        }
         self.clients = list(self.train_states)
 
     def train(self, round_: int, client_rounds: Mapping[str, int]) -> RoundReplies:
@@ -171,20 +173,14 @@ def evaluate_run(
 def evaluate_round(
     fed: Federation, states: Iterable[ClientState], shared: Mapping[str, Tensor], progress: bool = True
 ) -> list[dict[str, Any]]:
-    """Each client's model (``shared`` + its personal tensors) on its test split and on the global test set.
-
-    Without personal tensors every client runs the same model, so the global test set is scored once.
-    """
-    states = list(states)
-    identical = not fed.app.names["personal"]
-    global_scores = fed.app.evaluate(states[0], shared, {"global": fed.data.global_test}) if identical else {}
-    rows = []
-    for state in tqdm(states, desc="evaluating", leave=False, disable=not progress):
-        datasets: dict[str, Dataset] = {"local": state.data.test}
-        if not identical:
-            datasets["global"] = fed.data.global_test
-        scores = {**global_scores, **fed.app.evaluate(state, shared, datasets)}
-        rows += [{"split": split, "client": state.client_id, **scores[split]} for split in ("global", "local")]
+    """The round's scores: **global**, the global model (``shared`` with the common personal values) on the pooled
+    global test set, once (client :data:`GLOBAL_MODEL`); **local**, each client's model (``shared`` with its
+    personal tensors) on its own test split."""
+    (global_scores,) = fed.app.evaluate(None, shared, {"global": fed.data.global_test}).values()
+    rows = [{"split": "global", "client": GLOBAL_MODEL, **global_scores}]
+    for state in tqdm(list(states), desc="evaluating", leave=False, disable=not progress):
+        (local,) = fed.app.evaluate(state, shared, {"local": state.data.test}).values()
+        rows.append({"split": "local", "client": state.client_id, **local})
     return rows
 
 
@@ -200,8 +196,7 @@ def build_federation(
     :func:`~fedlora.federated.build.build_client`)."""
     app = build_client(config, model=model, tokenizer=tokenizer, adapter_dir=adapter_dir, progress=progress)
     data = build_federated_data(config.data, app.tokenizer)
-    if app.strategy.pooled:  # one client does the work of all of them
-        app.settings = replace(app.settings, steps=app.settings.steps * len(data.clients))
+    app.settings = app.strategy.client_settings(app.settings, len(data.clients))
     return Federation(app.strategy, app.model, app.tokenizer, data, app)
 
 
@@ -213,11 +208,3 @@ def _load_clients(checkpoint: Checkpoint, states: Iterable[ClientState], run_dir
         if last_round:
             state.personal, state.optimizer_state = run_dir.load_client(state.client_id, last_round)
             state.last_round = last_round
-
-
-def _pooled(data: FederatedData) -> ClientData:
-    return ClientData(
-        POOLED_CLIENT,
-        concatenate_datasets([client.train for client in data.clients]),
-        concatenate_datasets([client.test for client in data.clients]),
-    )

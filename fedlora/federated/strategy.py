@@ -1,13 +1,20 @@
-"""Federated strategies: each is the same loop with its own adapter, tensor roles and two flags.
+"""Federated strategies: each owns its pipeline, the rest of the loop is the same for all.
 
 A strategy names the adapter (FedDoRA or PEFT LoRA) and gives every adapter tensor kind a role:
 
 * ``shared``: trained by the client, sent to the server, averaged (weighted by example counts);
-* ``personal``: trained by the client, never sent; each client keeps its own across rounds;
+* ``personal``: trained by the client, never sent; each client keeps its own across rounds, starting from the
+  common initial value (stored as values, not offsets);
 * ``frozen``: never trained, never sent (identical on every client: the common initialisation).
 
-``two_stage`` trains personal and shared tensors in separate stages with separate optimizers (FedLoRA-Optimizer);
-otherwise both are trained jointly. ``pooled`` trains one client on the union of all clients' training data.
+Its pipeline (:meth:`FederatedStrategy.stages`) is the list of :class:`Stage` a client runs every round: which
+tensors each stage trains (shared ones with the global optimizer, fresh every round; personal ones with the local
+optimizer, whose state each client keeps) and whether the client's own personal tensors are loaded or their common
+values (the global model). :meth:`~FederatedStrategy.training_clients` says which clients train.
+
+The **global model** of every strategy is the aggregated shared tensors with the common value of every other
+tensor (what ``global_adapter/`` holds); a client's **local model** adds its personal (and, for ``refined`` kinds,
+its refined) tensors.
 
 :meth:`FederatedStrategy.with_roles` gives a strategy other roles for some tensor kinds (the run setting
 ``adapter.tensor_roles``), e.g. ``fedlora-opt`` with ``{"B.direction": "personal"}`` shares the A directions only.
@@ -17,14 +24,20 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Mapping
-from typing import ClassVar, Literal, Protocol
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, ClassVar, Literal, Protocol
 
+from datasets import concatenate_datasets
 from peft import LoraConfig, PeftConfig
 from torch import nn
 
+from fedlora.data import ClientData
 from fedlora.tuners.feddora import PAPER_TENSOR_ROLES, FedDoRAConfig
 from fedlora.tuners.feddora.config import ROLES
+
+if TYPE_CHECKING:
+    from fedlora.federated.config import ClientSettings
 
 _KIND_PATTERNS = {
     "feddora": re.compile(r"\.feddora_(?P<factor>[AB])\.[^.]+\.(?P<part>direction|magnitude)$"),
@@ -41,14 +54,50 @@ class AdapterShape(Protocol):
     target_modules: list[str]
 
 
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a client's round: ``steps`` batches training the tensors of the groups in ``trains``
+    (``shared``: the global optimizer; ``personal`` and ``refined``: the local optimizer). With ``personal`` the
+    client's own personal tensors are loaded first; without, the stage trains the global model (the personal
+    tensors at their common values)."""
+
+    name: str
+    steps: int
+    trains: tuple[str, ...]
+    personal: bool = True
+
+
 class FederatedStrategy:
-    """Base class: the adapter type, the role of each tensor kind, and the two loop flags."""
+    """Base class: the adapter type, the role of each tensor kind, and the pipeline (one joint stage at
+    ``client.lr`` over every client's data; subclasses override :meth:`stages`, :meth:`lr` and
+    :meth:`training_clients`)."""
 
     name: ClassVar[str]
     adapter: ClassVar[Literal["feddora", "lora"]]
     roles: Mapping[str, str]  # tensor kind ("A.direction", ... or "A", "B" for LoRA) -> role; a class default
-    two_stage: ClassVar[bool] = False
-    pooled: ClassVar[bool] = False
+    refined: ClassVar[tuple[str, ...]] = ()
+    """Shared tensor kinds that each client also refines locally after the global stage and keeps (its values)."""
+
+    def stages(self, settings: ClientSettings) -> list[Stage]:
+        """The client's stages in a round: by default every trained tensor together for ``settings.steps``."""
+        return [Stage("joint", settings.steps, ("shared", "personal"))]
+
+    def lr(self, group: str, settings: ClientSettings) -> float:
+        """The learning rate of the optimizer of tensor group ``group`` (``shared``, ``personal``, ``refined``)."""
+        return settings.lr
+
+    def training_clients(self, clients: Sequence[ClientData]) -> list[ClientData]:
+        """The clients that train (by default, each client on its own data)."""
+        return list(clients)
+
+    def client_settings(self, settings: ClientSettings, num_clients: int) -> ClientSettings:
+        """The client settings the trainer uses in a federation of ``num_clients`` clients (by default as given)."""
+        return settings
+
+    @property
+    def trains_each_client(self) -> bool:
+        """True when every client trains on its own data (so each can run on its own node)."""
+        return type(self).training_clients is FederatedStrategy.training_clients
 
     def peft_config(self, settings: AdapterShape) -> PeftConfig:
         """The PEFT config of this strategy's adapter (FedDoRA configs also record the tensor roles)."""
@@ -96,25 +145,65 @@ class FederatedStrategy:
         return self.roles[".".join(part for part in match.groups() if part)]
 
     def tensor_names(self, model: nn.Module) -> dict[str, list[str]]:
-        """The model's adapter parameter names by role (in model order); every role is a key."""
-        names: dict[str, list[str]] = {role: [] for role in ROLES}
+        """The model's adapter parameter names by role (in model order), and as ``refined`` the shared ones of the
+        :attr:`refined` kinds; every role is a key."""
+        names: dict[str, list[str]] = {role: [] for role in (*ROLES, "refined")}
+        pattern = _KIND_PATTERNS[self.adapter]
         for name, _ in model.named_parameters():
             role = self.role(name)
             if role is not None:
                 names[role].append(name)
+                kind = ".".join(part for part in pattern.search(name).groups() if part)
+                if role == "shared" and kind in self.refined:
+                    names["refined"].append(name)
         if not any(names.values()):
             raise ValueError(f"strategy {self.name!r}: the model has no {self.adapter} adapter tensors")
         return names
 
 
 class FedLoRAOpt(FederatedStrategy):
-    """FedLoRA-Optimizer (arXiv 2510.11274): FedDoRA directions shared (trained by a global optimizer, averaged),
-    magnitudes personal (trained by a local optimizer that keeps its state per client)."""
+    """FedLoRA-Optimizer (arXiv 2510.11274): FedDoRA directions shared (trained by the global optimizer at
+    ``client.global_lr``, averaged), magnitudes personal (trained by the local optimizer at ``client.local_lr``,
+    whose state each client keeps).
+
+    ``client.order`` picks the pipeline: ``global-then-local`` (default) trains the directions for
+    ``global_steps`` under the common magnitudes (so they are trained for the global model), then the client's
+    magnitudes for ``local_steps`` with the directions fixed; ``local-first`` / ``global-first`` run the same two
+    stages with the client's own magnitudes loaded throughout; ``joint`` steps both optimizers on every one of
+    ``local_steps + global_steps`` batches, with the client's magnitudes.
+    """
 
     name = "fedlora-opt"
     adapter = "feddora"
     roles = PAPER_TENSOR_ROLES
-    two_stage = True
+
+    def stages(self, settings: ClientSettings) -> list[Stage]:
+        local = Stage("local", settings.local_steps, ("personal", "refined"))
+        if settings.order == "joint":
+            return [Stage("joint", settings.local_steps + settings.global_steps, ("shared", "personal"))]
+        if settings.order == "global-then-local":
+            return [Stage("global", settings.global_steps, ("shared",), personal=False), local]
+        global_ = Stage("global", settings.global_steps, ("shared",))
+        return [local, global_] if settings.order == "local-first" else [global_, local]
+
+    def lr(self, group: str, settings: ClientSettings) -> float:
+        return settings.global_lr if group == "shared" else settings.local_lr
+
+
+class FedLoRAOptSharedMagnitudes(FedLoRAOpt):
+    """FedLoRA-Optimizer with the magnitudes also averaged (outside the paper's rule that only directions travel;
+    it measures what that rule costs): the global stage trains all four tensors of the global model, the local
+    stage then refines the magnitudes, which the client keeps for its own model (refreshed every round)."""
+
+    name = "fedlora-opt-shared-magnitudes"
+    roles = dict.fromkeys(PAPER_TENSOR_ROLES, "shared")
+    refined = ("A.magnitude", "B.magnitude")
+
+    def stages(self, settings: ClientSettings) -> list[Stage]:
+        return [
+            Stage("global", settings.global_steps, ("shared",), personal=False),
+            Stage("local", settings.local_steps, ("refined",)),
+        ]
 
 
 class FedIT(FederatedStrategy):
@@ -164,9 +253,22 @@ class Centralized(FederatedStrategy):
     name = "centralized"
     adapter = "feddora"
     roles = dict.fromkeys(PAPER_TENSOR_ROLES, "shared")
-    pooled = True
+
+    def training_clients(self, clients: Sequence[ClientData]) -> list[ClientData]:
+        return [
+            ClientData(
+                POOLED_CLIENT,
+                concatenate_datasets([client.train for client in clients]),
+                concatenate_datasets([client.test for client in clients]),
+            )
+        ]
+
+    def client_settings(self, settings: ClientSettings, num_clients: int) -> ClientSettings:
+        return replace(settings, steps=settings.steps * num_clients)  # one client does the work of all of them
 
 
+POOLED_CLIENT = "pooled"
 STRATEGIES: dict[str, FederatedStrategy] = {
-    cls.name: cls() for cls in (FedLoRAOpt, FedIT, FFALoRA, FedSALoRA, FedDoRAAvg, Local, Centralized)
+    cls.name: cls()
+    for cls in (FedLoRAOpt, FedLoRAOptSharedMagnitudes, FedIT, FFALoRA, FedSALoRA, FedDoRAAvg, Local, Centralized)
 }

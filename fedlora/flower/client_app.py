@@ -8,8 +8,9 @@ disk:
 * ``train``: load the received shared tensors, run :meth:`FederatedClient.fit <fedlora.federated.client.FederatedClient.fit>`,
   write the new personal tensors and local optimizer state to the node's disk (atomically, before replying), reply
   the shared tensors and the number of training examples;
-* ``evaluate``: score the received shared tensors with the node's personal tensors on its test split (and on the
-  global test set, for partition nodes), reply the scores.
+* ``evaluate``: score the client's model (the received shared tensors with the node's personal tensors) on its
+  test split and, when the message asks for it and the node holds the global test set (partition nodes), the global
+  model (the shared tensors with the common personal values) on it; reply the scores.
 
 Mods: :func:`wire_log_mod` (outermost) records the record keys of every message in and out when the node config
 sets ``wire-log``; :func:`privacy_mod` applies Flower's client-side DP mod the run's ``dp`` setting calls for.
@@ -37,6 +38,7 @@ from fedlora.flower.records import (
     METRICS,
     NUM_EXAMPLES,
     ROUND,
+    SCORE_GLOBAL,
     STATE_ROUND,
     to_record,
     to_tensors,
@@ -86,7 +88,7 @@ def train(msg: Message, context: Context) -> Message:
     state = node.state(int(config[STATE_ROUND]))
     received = msg.content.array_records[ARRAYS]
     result = node.app.fit(state, FitIns(int(config[ROUND]), _shared(node, received)))
-    if node.app.names["personal"]:  # else there is no state to keep
+    if node.app.kept_names:  # else there is no state to keep
         node.kept.save(state)
     arrays = to_record({name: result.tensors[name] for name in received})
     metrics = MetricRecord({NUM_EXAMPLES: result.num_examples, **result.metrics})
@@ -95,13 +97,14 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Score the received shared tensors with the node's personal tensors; reply ``<split>.<metric>`` values."""
+    """Score the client's model (and if asked the global model); reply ``<split>.<metric>`` values."""
     node = _node(context)
-    datasets = {"local": node.data.test}
-    if node.global_test is not None:
-        datasets["global"] = node.global_test
-    state = node.state(int(msg.content.config_records[CONFIG][STATE_ROUND]))
-    scores = node.app.evaluate(state, _shared(node, msg.content.array_records[ARRAYS]), datasets)
+    config = msg.content.config_records[CONFIG]
+    shared = _shared(node, msg.content.array_records[ARRAYS])
+    state = node.state(int(config[STATE_ROUND]))
+    scores = node.app.evaluate(state, shared, {"local": node.data.test})
+    if config.get(SCORE_GLOBAL) and node.global_test is not None:
+        scores |= node.app.evaluate(None, shared, {"global": node.global_test})
     metrics = MetricRecord({f"{split}.{name}": value for split, row in scores.items() for name, value in row.items()})
     return Message(RecordDict({METRICS: metrics}), reply_to=msg)
 

@@ -18,6 +18,7 @@ ROUND = "server-round"
 STATE_ROUND = "state-round"  # the round after which the client's state to use was kept (0: its initial state)
 NUM_EXAMPLES = "num-examples"
 CLIENT_ID = "client-id"
+SCORE_GLOBAL = "score-global"  # in one evaluate message a round: also score the global model on the global test set
 
 
 def to_record(tensors: Mapping[str, Tensor]) -> ArrayRecord:

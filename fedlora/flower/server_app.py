@@ -39,7 +39,7 @@ def main(grid: Grid, context: Context) -> None:
 def serve(grid: Grid, config: RunConfig, settings: FlowerSettings) -> Path:
     """Run (with ``settings.resume``, continue) the federation described by ``config`` on ``grid``'s SuperNodes;
     returns the run directory."""
-    if STRATEGIES[config.strategy].pooled:
+    if not STRATEGIES[config.strategy].trains_each_client:
         raise ValueError(f"strategy {config.strategy!r} trains one pooled client and cannot run on Flower")
     check_privacy(config, settings)
     config, run_dir, checkpoint = open_run(run_output_dir(config, settings.resume), settings.resume)

@@ -24,11 +24,21 @@ from flwr.serverapp.strategy import (
 
 from fedlora.federated.config import RunConfig
 from fedlora.federated.message import FitRes, Rejection
-from fedlora.federated.report import summarize
+from fedlora.federated.report import GLOBAL_MODEL, summarize
 from fedlora.federated.rounds import RoundReplies
 from fedlora.federated.server import FederatedServer
 from fedlora.flower.config import CENTRAL_DP, FlowerSettings
-from fedlora.flower.records import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, ROUND, STATE_ROUND, to_record, to_tensors
+from fedlora.flower.records import (
+    ARRAYS,
+    CONFIG,
+    METRICS,
+    NUM_EXAMPLES,
+    ROUND,
+    SCORE_GLOBAL,
+    STATE_ROUND,
+    to_record,
+    to_tensors,
+)
 
 
 class FedLoraStrategy(Strategy):
@@ -88,8 +98,9 @@ class FedLoraStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """One evaluate message (the global shared tensors and the round) per client."""
-        return self._messages(MessageType.EVALUATE, server_round, arrays, config, list(self.nodes))
+        """One evaluate message (the global shared tensors and the round) per client; the first client's also asks
+        for the global model's score on the global test set (once a round)."""
+        return self._messages(MessageType.EVALUATE, server_round, arrays, config, list(self.nodes), score_global=True)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Collect the scores of every client that replied (the others are logged); returns the means over them
@@ -101,7 +112,10 @@ class FedLoraStrategy(Strategy):
             for key, value in reply.content.metric_records[METRICS].items():
                 split, _, metric = key.partition(".")
                 by_split.setdefault(split, {})[metric] = value
-            self.scores += [{"split": split, "client": client_id, **by_split[split]} for split in sorted(by_split)]
+            self.scores += [
+                {"split": split, "client": GLOBAL_MODEL if split == "global" else client_id, **by_split[split]}
+                for split in sorted(by_split)
+            ]
         summaries = summarize(server_round, self.scores)
         return MetricRecord({f"{s['split']}.{m}": s[m] for s in summaries for m in s if m not in ("round", "split")})
 
@@ -111,24 +125,23 @@ class FedLoraStrategy(Strategy):
         log(INFO, "\t└── server optimizer: %s", type(self.server.optimizer).__name__)
 
     def _messages(
-        self, kind: str, server_round: int, arrays: ArrayRecord, config: ConfigRecord, client_ids: list[str]
+        self,
+        kind: str,
+        server_round: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        client_ids: list[str],
+        score_global: bool = False,
     ) -> list[Message]:
-        self._sent = [
-            Message(
-                RecordDict(
-                    {
-                        ARRAYS: arrays,
-                        CONFIG: ConfigRecord(
-                            {**config, ROUND: server_round, STATE_ROUND: self.client_rounds.get(cid, 0)}
-                        ),
-                    }
-                ),
-                dst_node_id=self.nodes[cid],
-                message_type=kind,
-                group_id=str(server_round),
+        self._sent = []
+        for index, cid in enumerate(client_ids):
+            values = {**config, ROUND: server_round, STATE_ROUND: self.client_rounds.get(cid, 0)}
+            if score_global and index == 0:
+                values[SCORE_GLOBAL] = 1
+            content = RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord(values)})
+            self._sent.append(
+                Message(content, dst_node_id=self.nodes[cid], message_type=kind, group_id=str(server_round))
             )
-            for cid in client_ids
-        ]
         return self._sent
 
     def _split_replies(

@@ -11,9 +11,7 @@ from fedlora.tuners.feddora.peft_type import FEDDORA
 
 ROLES = ("shared", "personal", "frozen")
 TENSORS = ("A.direction", "A.magnitude", "B.direction", "B.magnitude")
-INIT_WEIGHTS = (True, False, "gaussian", "zero_A", "zero_B")
-DEFAULT_ZERO_FACTOR = "A"
-"""The factor that ``init_weights=True`` starts at zero (chosen by ``python -m benchmarks.learning``, see README)."""
+INIT_WEIGHTS = (True, False, "paired", "gaussian", "zero_A", "zero_B")
 PAPER_TENSOR_ROLES = {
     "A.direction": "shared",
     "B.direction": "shared",
@@ -45,15 +43,16 @@ class FedDoRAConfig(PeftConfig):
         layers_pattern: Name of the layers ModuleList, used with ``layers_to_transform``.
         rank_pattern: Per-module rank overrides, ``{regex: r}``.
         alpha_pattern: Per-module lora_alpha overrides, ``{regex: alpha}``.
-        init_weights: V_A and V_B start as LoRA's A (uniform on ±1/√k), and one factor starts at zero through its
-            magnitude while the other equals its direction, so the adapted model equals the base model exactly.
-            ``True`` (= ``"zero_A"``): m_A = 0, m_B = ‖V_B‖_col (B = V_B); ``"zero_B"``: m_A = ‖V_A‖_col
-            (A = V_A), m_B = 0 and V_B kaiming-uniform with its own fan-in r, the initialisation before the learning
-            benchmark; ``"gaussian"``: ``True`` with V_A ~ N(0, 1/r); ``False``: both magnitudes equal their
-            directions' norms, a nonzero update (for tests and experiments). Under Adam a direction's relative step
-            is about lr over its entries' size, so V_B at LoRA A's size (1/√k rather than 1/√r) keeps B learning as
-            LoRA's factors do, and B's columns (norm ≈ √(d/3k)) stay small enough for an lr 2–3× LoRA's (see
-            the README's learning benchmark).
+        init_weights: V_A and V_B start as LoRA's A (uniform on ±1/√k) and the adapted model equals the base
+            model (B A = 0). ``True`` (= ``"paired"``): every tensor non-zero, so that a global model of directions
+            alone can move under common magnitudes: the rank-1 components come in cancelling groups (pairs; at odd r
+            the last group is a triple): within a group B's columns are equal and A's rows sum to zero (v, −v; or
+            v, w, −(v + w)), and m = ‖V‖_col (A = V_A, B = V_B), so B A = 0 exactly for pairs and to rounding for
+            the triple. At r = 1 no group exists and ``"paired"`` falls back to ``"zero_A"``. ``"zero_A"``: m_A = 0,
+            m_B = ‖V_B‖_col (B = V_B); ``"zero_B"``: m_A = ‖V_A‖_col (A = V_A), m_B = 0 and V_B kaiming-uniform
+            with its own fan-in r; ``"gaussian"``: ``"zero_A"`` with V_A ~ N(0, 1/r); ``False``: independent
+            directions with m = ‖V‖_col, a nonzero update (for tests and experiments). The magnitudes' initial
+            values are the common values of a federation (see ``fedlora.federated.strategy``).
         tensor_roles: For each of ``A.direction``, ``A.magnitude``, ``B.direction``, ``B.magnitude``: ``"shared"``
             (trained and averaged by the server), ``"personal"`` (trained, never leaves the client) or
             ``"frozen"`` (not trained). Defaults to the paper: directions shared, magnitudes personal.
@@ -76,7 +75,10 @@ class FedDoRAConfig(PeftConfig):
     alpha_pattern: dict = field(default_factory=dict, metadata={"help": "Per-module alpha overrides {regex: a}."})
     init_weights: bool | Literal["gaussian", "zero_A", "zero_B"] = field(
         default=True,
-        metadata={"help": "True/'zero_A': m_A = 0; 'zero_B': m_B = 0; 'gaussian': V_A ~ N(0, 1/r); False: BA ≠ 0."},
+        metadata={
+            "help": "True/'paired': cancelling rank-1 pairs, every tensor non-zero; 'zero_A': m_A = 0; 'zero_B': "
+            "m_B = 0; 'gaussian': zero_A with V_A ~ N(0, 1/r); False: BA ≠ 0."
+        },
     )
     tensor_roles: dict[str, str] = field(
         default_factory=lambda: dict(PAPER_TENSOR_ROLES),
@@ -128,10 +130,11 @@ class FedDoRAConfig(PeftConfig):
         return [tensor for tensor in TENSORS if self.tensor_roles[tensor] == role]
 
 
-def zero_factor(init_weights: bool | str) -> str | None:
-    """The factor (``"A"`` or ``"B"``) that ``init_weights`` starts at zero; None for ``False`` (neither)."""
-    if init_weights is False:
+def zero_factor(init_weights: bool | str, r: int) -> str | None:
+    """The factor (``"A"`` or ``"B"``) that ``init_weights`` starts at zero at rank ``r``; None when neither is
+    (``False``, and ``"paired"`` above rank 1)."""
+    if init_weights is False or (init_weights in (True, "paired") and r > 1):
         return None
-    if init_weights in ("zero_A", "zero_B"):
-        return init_weights[-1]
-    return DEFAULT_ZERO_FACTOR
+    if init_weights == "zero_B":
+        return "B"
+    return "A"

@@ -46,14 +46,25 @@ class MagnitudeDirection(nn.Module):
         """(V, m) in m's dtype: PEFT's adapter-dtype autocast upcasts parameters only, not a fixed V."""
         return self.direction.to(self.magnitude.dtype), self.magnitude
 
-    def reset(self, fan_in: int, gaussian: bool, magnitude_from_norm: bool) -> None:
+    def reset(self, fan_in: int, gaussian: bool, magnitude_from_norm: bool, groups: str | None = None) -> None:
         """Initialise V uniform on ±1/√fan_in (kaiming-uniform with a = √5, LoRA's A init when fan_in is the layer's
-        in_features) or, if ``gaussian``, N(0, 1/rows); and m to ‖V‖_col (the factor equals V) or 0 (it is 0)."""
+        in_features) or, if ``gaussian``, N(0, 1/rows); and m to ‖V‖_col (the factor equals V) or 0 (it is 0).
+
+        ``groups`` ties the rank-1 components into the cancelling groups of ``init_weights="paired"`` (see
+        :func:`cancelling_groups`): ``"sum_zero"`` makes V_A's rows of each group sum to zero, ``"equal"`` makes
+        V_B's columns of each group equal."""
         with torch.no_grad():
             if gaussian:
                 nn.init.normal_(self.direction, std=1 / self.direction.shape[0])
             else:
                 nn.init.uniform_(self.direction, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
+            rank_dim = 0 if groups == "sum_zero" else 1
+            for group in cancelling_groups(self.direction.shape[rank_dim]) if groups else ():
+                ranks = self.direction.narrow(rank_dim, group[0], len(group))
+                if groups == "equal":
+                    ranks.copy_(ranks[:, :1].clone().expand_as(ranks))
+                else:  # the last row of a group is minus the sum of the others
+                    ranks[-1].copy_(-ranks[:-1].sum(dim=0))
             if magnitude_from_norm:
                 self.magnitude.copy_(column_norm(self.direction))
             else:
@@ -62,6 +73,15 @@ class MagnitudeDirection(nn.Module):
     def extra_repr(self) -> str:
         rows, cols = self.direction.shape
         return f"direction={rows}×{cols}{' (fixed)' if self.fixed else ''}, magnitude={cols}"
+
+
+def cancelling_groups(r: int) -> list[range]:
+    """The rank-1 components of ``init_weights="paired"`` in groups: pairs, the last a triple at odd r (none at
+    r = 1)."""
+    starts = list(range(0, r - 1, 2))
+    if r % 2 and starts:
+        starts.pop()
+    return [range(start, start + 2) for start in starts] + ([range(r - 3, r)] if r % 2 and r > 1 else [])
 
 
 class FedDoRALayer(BaseTunerLayer):
@@ -109,14 +129,16 @@ class FedDoRALayer(BaseTunerLayer):
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def reset_feddora_parameters(self, adapter_name: str, init_weights: bool | str) -> None:
-        """One factor zero through its magnitude, the other equal to its direction (see ``FedDoRAConfig``): V_A and
-        V_B drawn as LoRA's A (fan-in k), except V_B under ``zero_B``, which keeps its own fan-in r."""
-        zero = zero_factor(init_weights)
-        self.feddora_A[adapter_name].reset(
-            self.in_features, init_weights == "gaussian", magnitude_from_norm=zero != "A"
-        )
-        fan_in_b = self.r[adapter_name] if zero == "B" else self.in_features
-        self.feddora_B[adapter_name].reset(fan_in_b, False, magnitude_from_norm=zero != "B")
+        """The start ``init_weights`` names (see ``FedDoRAConfig``): V_A and V_B drawn as LoRA's A (fan-in k),
+        except V_B under ``zero_B``, which keeps its own fan-in r; B A = 0 through cancelling groups of rank-1
+        components (``paired``) or one factor's zero magnitude."""
+        r = self.r[adapter_name]
+        zero = zero_factor(init_weights, r)
+        paired = init_weights in (True, "paired") and zero is None
+        a, b = self.feddora_A[adapter_name], self.feddora_B[adapter_name]
+        a.reset(self.in_features, init_weights == "gaussian", zero != "A", groups="sum_zero" if paired else None)
+        fan_in_b = r if zero == "B" else self.in_features
+        b.reset(fan_in_b, False, zero != "B", groups="equal" if paired else None)
 
     def _freeze_non_trainable_peft_weights(self, adapter_names: str | list[str] | None = None) -> None:
         """Keep the tensors whose configured role is ``frozen`` out of training, whatever set_adapter enabled."""
