@@ -6,11 +6,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import hashlib
 import json
 import os
 import platform
 import re
 import shlex
+import subprocess
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,8 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "benchmarks" / "results"
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "dolly" / "databricks-dolly-15k.jsonl"
 """Dolly-15k where the project's machines keep it: ``shared/`` next to the repository."""
+NI_DATA = REPO.parent / "shared" / "data" / "ni"
+"""The Natural Instructions task files (one client per task), beside Dolly."""
 
 
 def add_data_argument(parser: argparse.ArgumentParser, help: str = "Dolly-15k .jsonl") -> None:
@@ -40,9 +44,10 @@ def device_name(device: torch.device) -> str:
 
 
 def provenance(module: str, argv: Sequence[str], device: torch.device | None = None) -> dict[str, Any]:
-    """Where and how results were measured: the ``command`` that reruns them (``python -m module *argv``), the UTC
-    ``date`` (ISO 8601), the ``machine`` (host and platform), its ``cores``, the ``device``'s name (by default the
-    GPU if there is one, else the CPU), ``torch_version`` and ``triton_version`` (None without triton)."""
+    """Where and how results were measured: the ``commit`` of the code (:func:`git_commit`), the ``command`` that
+    reruns them (``python -m module *argv``), the UTC ``date`` (ISO 8601), the ``machine`` (host and platform), its
+    ``cores``, the ``device``'s name (by default the GPU if there is one, else the CPU), ``torch_version`` and
+    ``triton_version`` (None without triton)."""
     try:
         import triton
     except ImportError:
@@ -50,6 +55,7 @@ def provenance(module: str, argv: Sequence[str], device: torch.device | None = N
     if device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return {
+        "commit": git_commit(),
         "command": shlex.join(["python", "-m", module, *argv]),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.node()} ({platform.platform()})",
@@ -58,6 +64,33 @@ def provenance(module: str, argv: Sequence[str], device: torch.device | None = N
         "torch_version": torch.__version__,
         "triton_version": triton.__version__ if triton else None,
     }
+
+
+def git_commit() -> str:
+    """The repository's HEAD commit, with ``-dirty`` when tracked files differ from it (``unknown`` outside git)."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def config_hash(config: Any) -> str:
+    """A short hash of a resolved configuration (JSON-serialisable, keys sorted): rows with one hash ran one
+    configuration."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def check_one_commit(rows: Sequence[dict[str, Any]], what: str) -> None:
+    """Raise a ``ValueError`` when ``rows`` (of one comparison, ``what``) were not all made by one commit of the
+    code (rows without a commit count as one unknown commit): a comparison is produced by one command."""
+    commits = sorted({str(row.get("commit")) for row in rows})
+    if len(commits) > 1:
+        raise ValueError(f"{what}: rows from several commits ({', '.join(commits)}); a comparison needs one")
 
 
 def today() -> str:

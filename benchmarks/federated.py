@@ -1,22 +1,35 @@
 """The paper's comparison in one command: every federated strategy plus ablations, on one partition, over seeds.
 
-``python -m benchmarks.federated [--preset cpu|gpu] [--partition dirichlet|label] [--seeds 0 1 2] [--strategies ...]``
+``python -m benchmarks.federated [--preset cpu|gpu] [--dataset dolly|ni] [--partition dirichlet|label] [--seeds 0 1 2]
+[--strategies ...]``
 
 Each variant is an existing strategy of :mod:`fedlora.federated.strategy` with config overrides, trained in this
 process, one after another, by :func:`fedlora.federated.train` into ``<out>/<variant>/seed<k>/``; for each seed
 all variants share the preset, the data, the partition, the client splits and the client sampling:
 
-* the strategies ``fedlora-opt`` (FedDoRA, directions shared, magnitudes personal), ``fedit``, ``ffa-lora``,
-  ``fedsa-lora``, ``fed-dora`` (all four FedDoRA tensors shared), ``local`` and ``centralized``;
+* the strategies ``fedlora-opt`` (FedDoRA, directions shared, magnitudes personal; global-then-local: the
+  directions trained under the common magnitudes, then the client's magnitudes), ``fedit``, ``ffa-lora``,
+  ``fedsa-lora``, ``fed-dora`` (all four FedDoRA tensors shared, joint steps), ``local`` and ``centralized``;
+* ``fedlora-opt/local-first``: the pipeline before the global model (``client.order=local-first``: the client's
+  magnitudes first, then the directions under them);
+* ``fedlora-opt-shared-magnitudes``: as ``fedlora-opt``, but the magnitudes are also averaged (outside the paper's
+  rule that only directions travel) and refined locally after the global stage;
+* ``fedlora-opt/personal-B-magnitude``: only B's magnitudes personal, A's frozen at their common values
+  (``adapter.tensor_roles={"A.magnitude": "frozen"}``);
 * ``fedlora-opt/shared-A-direction``: ``adapter.tensor_roles={"B.direction": "personal"}``, only the A directions
-  are shared. With ``fedlora-opt`` (A and B directions) and ``fed-dora`` (directions and magnitudes) this is the
-  ablation of which tensors are shared;
-* ``fedlora-opt/global-first``: the directions' stage before the magnitudes' (``client.order=global-first``);
+  are shared;
 * ``fedlora-opt/joint``: one stage in which the local optimizer (magnitudes) and the global one (directions) both
-  step on every batch (``client.order=joint``), so every tensor gets all 6 updates of a round, not 3;
+  step on every batch (``client.order=joint``);
 * ``fedlora-opt/fedadam``: the server applies FedAdam (``server.lr=1e-2``) instead of FedAvg.
 
-Every run scores round 0 (the initial adapter, which is the base model), so every row shows its change from there.
+Scores: **global** is the global model (``global_adapter/``: the averaged shared tensors with the common value of
+every other tensor) on the pooled global test set; **local** is each client's model (the global model with its
+personal tensors) on its own test split. Every run scores round 0 (the initial adapter, which is the base model),
+so every row shows its change from there.
+
+Datasets: ``dolly`` (Dolly-15k, split by ``--partition``) or ``ni`` (the 8 Natural Instructions task files of
+``shared/data/ni``, one client per task, ``data.partition=files``; the CPU preset samples 40 rows per task, a
+quarter of them its test split, with 64-token sequences since NI prompts carry the task definition).
 
 Presets: ``cpu`` (sized for a 2-core machine with ``--cpu-threads 1``: 8 clients, all sampled every round, 3 rounds
 of 6 steps of batch 1 per client (``fedlora-opt``: 3 local + 3 global), 48-token sequences, the adapter on the 7
@@ -36,12 +49,16 @@ by seed) and curves (``.png``) of all rows of that file are rewritten, so an int
 partial report. A run whose directory exists is resumed (``--resume``) from its checkpoint; its ``wall_s`` then
 counts only this invocation. Row fields: ``variant, strategy, overrides, final_round, global``/``local``
 (``loss``, ``perplexity``, ``rougeL`` if evaluated, and their ``_std`` over clients at the final round),
+``config_hash`` (of the resolved run configuration), ``init`` (the adapter's start), ``data_seed`` (the data sample
+and split seed), ``dataset``,
 ``curves`` (the same per evaluated round, from round 0), ``bytes_sent_per_round`` (the shared tensors' bytes × the
 clients that trained in a round, client → server), ``shared_params``, ``personal_params`` (per client),
 ``trainable_params``, ``wall_s``, ``resumed``, ``run_dir``, ``seed``, ``preset``, ``partition``, ``config`` (the
-resolved run configuration) and the provenance of :func:`benchmarks.common.provenance` (``command, date, machine,
-cores, device, torch_version, triton_version``; older rows have ``date`` as ``YYYYMMDD``, ``machine`` as a dict and
-no ``cores``, ``device`` or versions).
+resolved run configuration) and the provenance of :func:`benchmarks.common.provenance` (``commit, command, date,
+machine, cores, device, torch_version, triton_version``). The results file and the run directories are named after
+the commit, so rows of one file come from one command on one commit (the reports refuse to mix commits), and a run
+directory is only resumed by the code that started it. Paired tables refuse to pair rows whose data settings or
+round-0 scores differ.
 """
 
 from __future__ import annotations
@@ -63,8 +80,13 @@ from matplotlib.ticker import MaxNLocator
 from safetensors.torch import load_file
 
 from benchmarks.common import (
+    DEFAULT_DATA,
+    NI_DATA,
     RESULTS_DIR,
     add_data_argument,
+    check_one_commit,
+    config_hash,
+    git_commit,
     markdown_table,
     provenance,
     read_jsonl,
@@ -134,10 +156,20 @@ class Variant:
     overrides: Mapping[str, Any] = field(default_factory=dict)
 
 
-STRATEGY_NAMES = ("fedlora-opt", "fedit", "ffa-lora", "fedsa-lora", "fed-dora", "local", "centralized")
+STRATEGY_NAMES = (
+    "fedlora-opt",
+    "fedit",
+    "ffa-lora",
+    "fedsa-lora",
+    "fed-dora",
+    "fedlora-opt-shared-magnitudes",
+    "local",
+    "centralized",
+)
 VARIANTS = [Variant(name, name) for name in STRATEGY_NAMES] + [
+    Variant("fedlora-opt/local-first", "fedlora-opt", {"client.order": "local-first"}),
+    Variant("fedlora-opt/personal-B-magnitude", "fedlora-opt", {"adapter.tensor_roles": {"A.magnitude": "frozen"}}),
     Variant("fedlora-opt/shared-A-direction", "fedlora-opt", {"adapter.tensor_roles": {"B.direction": "personal"}}),
-    Variant("fedlora-opt/global-first", "fedlora-opt", {"client.order": "global-first"}),
     Variant("fedlora-opt/joint", "fedlora-opt", {"client.order": "joint"}),
     Variant("fedlora-opt/fedadam", "fedlora-opt", {"server.optimizer": "fedadam", "server.lr": 1e-2}),
 ]
@@ -146,15 +178,21 @@ LABEL_DATA = {"cpu": {"data.max_examples": 560, "data.min_examples": 12, "data.t
 """With one client per category the rarest short-prompt categories (summarization, information_extraction: about
 3% of the rows each) need more rows in all for at least 12 examples each, and a test share of 4 of them."""
 PROMPT_CHARS = {"cpu": 600, "gpu": None}  # Dolly rows kept: instruction + context of at most this many characters
+NI_DATA_SETTINGS = {
+    "cpu": {"data.max_examples": 40, "data.test_fraction": 0.25, "data.max_length": 64},
+    "gpu": {"data.max_examples": 400, "data.test_fraction": 0.1},
+}
+"""The ``ni`` dataset's settings per preset (``max_examples`` is per task with ``partition=files``)."""
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """The command line (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    parser.add_argument("--partition", choices=("dirichlet", "label"), default="dirichlet")
+    parser.add_argument("--dataset", choices=("dolly", "ni"), default="dolly", help="Dolly-15k or the NI task files")
+    parser.add_argument("--partition", choices=("dirichlet", "label"), default="dirichlet", help="of Dolly")
     parser.add_argument("--strategies", nargs="+", choices=list(VARIANTS_BY_NAME), default=list(VARIANTS_BY_NAME))
-    add_data_argument(parser, help="Dolly .jsonl (or 'dolly-sample', the packaged sample)")
+    add_data_argument(parser, help="Dolly .jsonl (or 'dolly-sample', the packaged sample); with --dataset ni, the dir")
     parser.add_argument(
         "--max-prompt-chars",
         type=int,
@@ -177,7 +215,10 @@ def base_overrides(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     overrides["seed"] = seed
     if args.model:
         overrides["model.name"] = args.model
-    if args.partition == "label":  # one client per category: the data decides how many
+    if args.dataset == "ni":  # one client per task file
+        overrides.update({"data.source": "natural_instructions", "data.partition": "files", "data.num_clients": None})
+        overrides.update(NI_DATA_SETTINGS[args.preset])
+    elif args.partition == "label":  # one client per category: the data decides how many
         overrides["data.num_clients"] = None
         overrides.update(LABEL_DATA.get(args.preset, {}))
     for item in args.set:
@@ -262,6 +303,8 @@ def result_row(variant: Variant, run_dir: Path, timing: Mapping[str, Any], conte
     """The results row of a finished variant, read back from its run directory."""
     run = RunDir(run_dir)
     summaries = summary_rows(run)
+    config = yaml.safe_load(run.config.read_text())
+    adapter = json.loads((run.global_adapter / "adapter_config.json").read_text())
     return {
         "variant": variant.name,
         "strategy": variant.strategy,
@@ -272,7 +315,10 @@ def result_row(variant: Variant, run_dir: Path, timing: Mapping[str, Any], conte
         **timing,
         "run_dir": str(run_dir),
         **context,
-        "config": yaml.safe_load(run.config.read_text()),
+        "config_hash": config_hash(config),
+        "init": f"{adapter['peft_type']}:init_weights={adapter.get('init_weights')}",  # its meaning: by the commit
+        "data_seed": config["data"]["seed"],
+        "config": config,
     }
 
 
@@ -281,6 +327,18 @@ def evaluated_metrics(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     return [
         metric for metric in ("loss", "rougeL") if any(metric in row.get(s, {}) for row in rows for s in EVAL_SPLITS)
     ]
+
+
+def check_pairable(row: Mapping[str, Any], other: Mapping[str, Any]) -> None:
+    """Raise a ``ValueError`` unless two rows of one seed ran on the same data (data settings, split seed) from the
+    same start (round-0 global and local loss within float tolerance: every adapter starts at the base model)."""
+    what = f"{row['variant']} and {other['variant']} (seed {row['seed']})"
+    if row["config"]["data"] != other["config"]["data"]:
+        raise ValueError(f"cannot pair {what}: their data settings differ")
+    for key in ("global_loss", "local_loss"):
+        a, b = _initial(row, key), _initial(other, key)
+        if a is None or b is None or abs(a - b) > 1e-4 * max(abs(a), 1.0):
+            raise ValueError(f"cannot pair {what}: round-0 {key} {a} vs {b}")
 
 
 def by_variant(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[int, Mapping[str, Any]]]:
@@ -347,6 +405,8 @@ def paired_table(rows: Sequence[Mapping[str, Any]], subject: str = "fedlora-opt"
         common = sorted(set(seeds) & set(grouped[subject]))
         if other == subject or not common:
             continue
+        for seed in common:
+            check_pairable(grouped[subject][seed], seeds[seed])
         cells = [other, ",".join(map(str, common))]
         for split in EVAL_SPLITS:
             for metric in metrics:
@@ -389,8 +449,10 @@ def plot_curves(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
 
 def write_reports(results: Path) -> None:
     """Rewrite the ``.md`` tables and ``.png`` curves of all rows in ``results``."""
-    rows = read_jsonl(results, key=lambda row: (row["variant"], row["seed"]))  # of re-runs, the last
-    results.with_suffix(".md").write_text(summary_table(rows) + "\n" + paired_table(rows))
+    rows = read_jsonl(results, key=lambda row: (row["variant"], row["seed"], row["config_hash"]))  # re-runs: the last
+    check_one_commit(rows, str(results))
+    heading = f"Commit `{rows[0]['commit']}` ({rows[0]['command']}).\n\n" if rows else ""
+    results.with_suffix(".md").write_text(heading + summary_table(rows) + "\n" + paired_table(rows))
     plot_curves(rows, results.with_suffix(".png"))
 
 
@@ -400,13 +462,21 @@ def main(argv: Sequence[str] | None = None) -> Path:
     args = parse_args(argv)
     if args.cpu_threads:
         torch.set_num_threads(args.cpu_threads)
-    tag = f"federated-{args.preset}-{args.partition}-{today()}"
+    if args.dataset == "ni" and args.data == DEFAULT_DATA:
+        args.data = NI_DATA
+    split = "ni" if args.dataset == "ni" else args.partition
+    tag = f"federated-{args.preset}-{split}-{today()}-{git_commit()[:7]}"
     out = args.out or Path("runs") / tag
     results = args.results_dir / f"{tag}.jsonl"
     limit = PROMPT_CHARS[args.preset] if args.max_prompt_chars is None else args.max_prompt_chars
     if limit and args.data.is_file():
         args.data = short_prompts(args.data, limit, out / f"dolly-max{limit}chars.jsonl")
-    run_context = {**provenance("benchmarks.federated", argv), "preset": args.preset, "partition": args.partition}
+    run_context = {
+        **provenance("benchmarks.federated", argv),
+        "preset": args.preset,
+        "dataset": args.dataset,
+        "partition": "files" if args.dataset == "ni" else args.partition,
+    }
     for seed in args.seeds:
         overrides = base_overrides(args, seed)
         context = {**run_context, "seed": seed}

@@ -316,9 +316,10 @@ def test_shared_magnitudes_variant_refines_the_global_magnitudes(make_config, ru
     """``fedlora-opt-shared-magnitudes`` (outside the paper's rule) sends all four tensors, as trained in the global
     stage, and keeps the magnitudes its local stage refines from there."""
     run_dir = run(make_config("strategy=fedlora-opt-shared-magnitudes", "client.local_steps=2"))
-    for ins, result in exchanges:
-        assert set(result.tensors) == DIRECTIONS | MAGNITUDES
-    for _, result in exchanges:  # one round: each client's kept magnitudes are its sent ones, refined
+    for _, result in exchanges:
+        assert (
+            set(result.tensors) == DIRECTIONS | MAGNITUDES
+        )  # one round: each client's kept magnitudes are its sent ones, refined
         kept = load_file(run_dir / "clients" / result.client_id / "personal.safetensors")
         assert set(kept) == MAGNITUDES
         assert all(not torch.equal(kept[n], result.tensors[n]) for n in MAGNITUDES)

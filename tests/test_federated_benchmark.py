@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from benchmarks import federated
+from benchmarks.common import git_commit
 from tests.tiny import tiny_llama, tiny_tokenizer
 
 STRATEGIES = ["fedlora-opt", "fedit", "fedlora-opt/shared-A-direction"]
@@ -75,6 +76,7 @@ def test_tiny_benchmark_writes_rows_table_and_plot(tmp_path, restore_threads):
         assert len(row["bytes_sent_per_round"]) == 2 and min(row["bytes_sent_per_round"]) > 0
         assert row["trainable_params"] == row["shared_params"] + row["personal_params"] > 0
         assert row["wall_s"] > 0 and row["resumed"] is False
+        assert row["commit"] == git_commit() and len(row["config_hash"]) == 16 and row["data_seed"] == row["seed"]
     # round 0 is the base model: the same scores for every variant of a seed
     for seed in (0, 1):
         initial = {round(r["curves"][0]["global_loss"], 5) for r in rows if r["seed"] == seed}
@@ -88,7 +90,8 @@ def test_tiny_benchmark_writes_rows_table_and_plot(tmp_path, restore_threads):
     assert 0 < a_only["shared_params"] < opt["shared_params"] and a_only["trainable_params"] == opt["trainable_params"]
     assert a_only["overrides"] == {"adapter.tensor_roles": {"B.direction": "personal"}}
 
-    table, paired = results.with_suffix(".md").read_text().split("\n\n", 1)
+    heading, table, paired = results.with_suffix(".md").read_text().split("\n\n", 2)
+    assert heading.startswith(f"Commit `{rows[0]['commit']}`")
     table = table.splitlines()
     assert len(table) == 2 + len(STRATEGIES)
     assert all(line.startswith("|") and line.count("|") == table[0].count("|") for line in table)
@@ -98,3 +101,15 @@ def test_tiny_benchmark_writes_rows_table_and_plot(tmp_path, restore_threads):
     d = rows[0]["global"]["loss"] - rows[1]["global"]["loss"]  # fedlora-opt minus fedit, seed 0
     assert f"{d:+.4f}" in paired_rows[0]
     assert results.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
+
+    # Provenance: a comparison mixing commits, or pairing rows of other data, is refused.
+    foreign = {**rows[1], "commit": "0" * 40}
+    results.write_text(results.read_text() + json.dumps(foreign) + "\n")
+    with pytest.raises(ValueError, match="several commits"):
+        federated.write_reports(results)
+    other_data = {**rows[1], "config": {**rows[1]["config"], "data": {**rows[1]["config"]["data"], "seed": 99}}}
+    with pytest.raises(ValueError, match="data settings differ"):
+        federated.paired_table([rows[0], other_data])
+    other_start = {**rows[1], "curves": [{**rows[1]["curves"][0], "global_loss": 99.0}, *rows[1]["curves"][1:]]}
+    with pytest.raises(ValueError, match="round-0 global_loss"):
+        federated.paired_table([rows[0], other_start])
