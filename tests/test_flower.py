@@ -35,6 +35,7 @@ from fedlora.cli import main
 from fedlora.data.samples import DOLLY_SAMPLE
 from fedlora.federated import FederatedClient, RunConfig, build_config, train
 from fedlora.federated.build import build_client
+from fedlora.federated.report import GLOBAL_MODEL
 from fedlora.federated.storage import RunDir
 from fedlora.flower import FlowerSettings, write_app
 from fedlora.flower.client_app import app as client_app
@@ -117,7 +118,9 @@ def assert_same_run(got: Path, expected: Path, tolerance: Mapping[str, float] = 
         torch.testing.assert_close(got_tensors[name], value, **tolerance, msg=name)
     got_rows, expected_rows = eval_rows(got), eval_rows(expected)
     assert (
-        set(got_rows) == set(expected_rows) == {(s, c) for s in ("global", "local") for c in ("client_0", "client_1")}
+        set(got_rows)
+        == set(expected_rows)
+        == {("global", GLOBAL_MODEL), ("local", "client_0"), ("local", "client_1")}  # the global model: once
     )
     for key, row in expected_rows.items():
         assert got_rows[key]["loss"] == pytest.approx(row["loss"], rel=1e-5)
