@@ -1,6 +1,7 @@
 // Autograd kernel of fedlora::scaled_factor (any device): its backward is fedlora::scaled_factor_backward, the
-// projection through the column norm stated in feddora_ops.h. 1/n is marked non-differentiable; scaled_factor_backward
-// itself has no derivative (no double backward). Registered in C++ so that a call costs no Python autograd overhead.
+// projection through the column norm stated in fedlora_kernels/reference.py's docstring. 1/n is marked
+// non-differentiable; scaled_factor_backward itself has no derivative (no double backward). Registered in C++ so that
+// a call costs no Python autograd overhead.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>

@@ -1,5 +1,5 @@
 // The fedlora op library (schemas), its CPU kernels and the Python module fedlora_kernels._C that loads it.
-// The math is stated in feddora_ops.h.
+// The math is stated in fedlora_kernels/reference.py's docstring; precision in feddora_ops.h.
 #include <Python.h>
 
 #include <ATen/Dispatch.h>
@@ -38,7 +38,7 @@ void for_each_column_block(int64_t rows, int64_t cols, const Body& body) {
   });
 }
 
-// F = V · diag(s m / n) and inv_norm = 1/n, n_j = sqrt(Σ_i V_ij² + eps).
+// (F, inv_norm) of scaled_factor (feddora_ops.h): F = V · diag(s m / n), inv_norm = 1/n.
 template <typename scalar_t>
 void scaled_factor_kernel(const scalar_t* direction, const scalar_t* magnitude, double scale, int64_t rows,
                           int64_t cols, scalar_t* factor, double* inv_norm) {
@@ -69,7 +69,7 @@ void scaled_factor_kernel(const scalar_t* direction, const scalar_t* magnitude, 
   });
 }
 
-// dm_j = s <dF_j, V_j> / n_j and dV_ij = (s m_j / n_j) (dF_ij − V_ij t_j), t_j = <dF_j, V_j> / n_j².
+// (dV, dm): the column-norm backward of reference.py's docstring with m → s m; t_j = <dF_j, V_j> / n_j².
 template <typename scalar_t>
 void scaled_factor_backward_kernel(const scalar_t* grad_factor, const scalar_t* direction, const scalar_t* magnitude,
                                    const double* inv_norm, double scale, int64_t rows, int64_t cols,

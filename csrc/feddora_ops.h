@@ -1,16 +1,14 @@
 // Shared declarations of the fedlora reparameterization ops (CPU in feddora_ops.cpp, CUDA in feddora_ops_cuda.cu).
 //
-// For a matrix V (rows × cols) whose columns are normalized, a magnitude m (cols,) and a scale s:
-//
-//   n_j   = sqrt(Σ_i V_ij² + NORM_EPS)                       column norm
-//   F_ij  = V_ij · s m_j / n_j                               scaled_factor -> (F, 1/n)
-//   dm_j  = s <dF_j, V_j> / n_j                              scaled_factor_backward -> (dV, dm)
-//   dV_ij = (s m_j / n_j) (dF_ij − V_ij t_j),  t_j = <dF_j, V_j> / n_j²   (dF projected off V_j)
+// The math is stated once, in fedlora_kernels/reference.py's docstring. Each op handles one factor of it,
+// F = V diag(s m / n) for a matrix V (rows × cols) with column norms n, a magnitude m (cols,) and a scale s:
+// scaled_factor(V, m, s) -> (F, 1/n) and scaled_factor_backward(dF, V, m, 1/n, s) -> (dV, dm), the projection through
+// the column norms stated there (with m replaced by s m).
 //
 // Precision: the column sums (Σ V², <dF, V>), 1/n (returned as float64) and the per-column coefficients are fp64, the
-// element-wise products are in opmath (fp32, or fp64 for float64 inputs). dV is a cancellation — it is exactly zero
-// when dF_j ∥ V_j, e.g. for every column of a one-row V_A (rank 1) — and accurate sums and t_j keep it at the rounding
-// of V_ij t_j instead of a multiple of ulp(dF) · s m / n. The cost is one fp64 multiply-add per element of these small
+// element-wise products are in opmath (fp32, or fp64 for float64 inputs). dV is a cancellation — it vanishes when
+// dF_j ∥ V_j, e.g. for every column of a one-row V_A (rank 1) — and accurate sums keep it at the rounding of the
+// products instead of a multiple of ulp(dF) · s m / n. The cost is one fp64 multiply-add per element of these small
 // (r×k, d×r) matrices: cheap on CPUs and data-centre GPUs.
 //
 // FedDoRA uses it twice: A = scaled_factor(V_A (r×k), m_A) and s·B = scaled_factor(V_B (d×r), m_B, s).

@@ -1,4 +1,4 @@
-// CUDA kernels of the fedlora ops; the math is stated in feddora_ops.h.
+// CUDA kernels of the fedlora ops; the math is stated in fedlora_kernels/reference.py's docstring.
 //
 // One block per group of up to 32 adjacent columns: threadIdx.x picks the column (so a warp reads contiguous memory
 // along a row), threadIdx.y strides over the rows. The block reduces its per-thread fp64 partial sums over threadIdx.y
@@ -58,7 +58,7 @@ __device__ double column_sum(double value) {
   return partial[lane];
 }
 
-// F = V · diag(s m / n) and inv_norm = 1/n, n_j = sqrt(Σ_i V_ij² + eps).
+// (F, inv_norm) of scaled_factor (feddora_ops.h): F = V · diag(s m / n), inv_norm = 1/n.
 template <typename scalar_t>
 __global__ void scaled_factor_kernel(const scalar_t* __restrict__ direction, const scalar_t* __restrict__ magnitude,
                                      double scale, int64_t rows, int64_t cols, scalar_t* __restrict__ factor,
@@ -86,7 +86,7 @@ __global__ void scaled_factor_kernel(const scalar_t* __restrict__ direction, con
   }
 }
 
-// dm_j = s <dF_j, V_j> / n_j and dV_ij = (s m_j / n_j) (dF_ij − V_ij t_j), t_j = <dF_j, V_j> / n_j².
+// (dV, dm): the column-norm backward of reference.py's docstring with m → s m; t_j = <dF_j, V_j> / n_j².
 template <typename scalar_t>
 __global__ void scaled_factor_backward_kernel(const scalar_t* __restrict__ grad_factor,
                                               const scalar_t* __restrict__ direction,

@@ -1,30 +1,27 @@
 """The native (C++/CUDA) FedDoRA backend: the compiled extension ``fedlora_kernels._C`` plus torch matmuls.
 
-The extension registers two ops (math and precision in csrc/feddora_ops.h), for a matrix V (rows × cols) whose columns
-are normalized, its magnitude m (cols,) and a scale s, with n_j = sqrt(Σ_i V_ij² + NORM_EPS):
+The math is :mod:`fedlora_kernels.reference`'s docstring. The extension registers two ops (precision in
+csrc/feddora_ops.h), each for one factor F = V diag(s m / n) of that docstring with a scale s folded in:
 
-* ``torch.ops.fedlora.scaled_factor(V, m, s=1.0) -> (F, 1/n)`` with F = V·diag(s m / n) in V's dtype and 1/n in
-  float64, in one pass;
-* ``torch.ops.fedlora.scaled_factor_backward(dF, V, m, 1/n, s=1.0) -> (dV, dm)``, the projection through the norm:
-  dm_j = s <dF_j, V_j> / n_j and dV_j = (s m_j / n_j)(dF_j − V_j <dF_j, V_j> / n_j²), in one pass.
-
-Column sums (r terms for V_A, d for V_B) and per-column coefficients are fp64, element-wise products fp32 (fp64 for
-float64): dV cancels exactly for a rank-1 V_A, and fp32 sums would leave it a multiple of ulp(dF) · m / n.
+* ``torch.ops.fedlora.scaled_factor(V, m, s=1.0) -> (F, 1/n)``: F in V's dtype and 1/n in float64, in one pass;
+* ``torch.ops.fedlora.scaled_factor_backward(dF, V, m, 1/n, s=1.0) -> (dV, dm)``: the projection through the column
+  norms (the docstring's dm_j and dV_j, with m replaced by s m), in one pass.
 
 ``scaled_factor`` is differentiable on its own (its C++ autograd kernel calls ``scaled_factor_backward``); importing
 this module also registers both ops' fake kernels, for ``torch.library.opcheck`` and ``torch.compile``.
 
-:func:`feddora_lora_native` computes ``base_out + s · dropout(x) Aᵀ Bᵀ`` (see :mod:`fedlora_kernels.reference`) as one
-autograd node with few launches: two ``scaled_factor`` calls build A (r×k) and s·B (d×r), dropout is one fused
-``native_dropout`` (boolean mask), then ``h = x̃ Aᵀ`` (mm) and ``y = base_out + h (sB)ᵀ`` (addmm, beta=1). It saves x
-(shared with whoever else holds it, e.g. the q/k/v projections of one input), the mask, the (N×r) ``h`` and the small
-factors; backward is four matmuls, dropout's mask multiply and two ``scaled_factor_backward`` calls. Its low host
-overhead suits small token counts.
+:func:`feddora_lora_native` is the reference's op as one autograd node with few launches: two ``scaled_factor`` calls
+build A (r×k) and s·B (d×r), dropout is one fused ``native_dropout`` (boolean mask), then u = x̃ Aᵀ (mm) and
+y = base_out + u (sB)ᵀ (addmm, beta=1). It saves x (shared with whoever else holds it, e.g. the q/k/v projections of
+one input), the mask, the (N×r) u and the small factors; backward is four matmuls, dropout's mask multiply and two
+``scaled_factor_backward`` calls. Its low host overhead suits small token counts.
 """
 
 from __future__ import annotations
 
 import torch
+
+from .reference import check_inputs
 
 try:
     from . import _C
@@ -83,7 +80,7 @@ if _C is not None:
 
 
 class _FedDoRANative(torch.autograd.Function):
-    """``base_out + s · dropout(x) Aᵀ Bᵀ`` on flattened (N, ·) views, with autocast off inside.
+    """The reference's op (its docstring's notation) on flattened (N, ·) views, with autocast off inside.
 
     The factors are built in the parameters' dtype; the matmuls run in x's dtype (the compute dtype, which differs
     only under autocast), the second one in base_out's dtype when base_out (N, d) is given (x's dtype or a wider one,
@@ -101,13 +98,13 @@ class _FedDoRANative(torch.autograd.Function):
                 x_dropped, mask = torch.native_dropout(x, dropout_p, True)
             else:
                 x_dropped, mask = x, None
-            hidden = torch.mm(x_dropped, lora_a.t()).to(out_dtype)  # h (N×r)
+            hidden = torch.mm(x_dropped, lora_a.t()).to(out_dtype)  # u (N×r)
             out = torch.mm(hidden, lora_b.t()) if base_out is None else torch.addmm(base_out, hidden, lora_b.t())
         ctx.save_for_backward(
             x, mask, hidden, lora_a, lora_b, direction_a, magnitude_a, inv_norm_a, direction_b, magnitude_b, inv_norm_b
         )
         ctx.scaling = scaling
-        ctx.keep_scale = 1.0 / (1.0 - dropout_p)  # dropout's x̃ = x ⊙ mask · keep_scale
+        ctx.keep_scale = 1.0 / (1.0 - dropout_p)  # q: x̃ = q M⊙x
         return out
 
     @staticmethod
@@ -118,48 +115,23 @@ class _FedDoRANative(torch.autograd.Function):
         need_x, need_va, need_ma, need_vb, need_mb, _, _, need_base = ctx.needs_input_grad
         grad_x = grad_va = grad_ma = grad_vb = grad_mb = None
 
-        def undo_dropout(t):  # t ⊙ mask · keep_scale: dropout's backward, and x̃ from x
+        def undo_dropout(t):  # q M⊙t: dropout's backward, and x̃ from x
             return t if mask is None else torch.ops.aten.native_dropout_backward(t, mask, ctx.keep_scale)
 
         with torch.autocast(x.device.type, enabled=False):
-            if need_vb or need_mb:  # dL/d(sB) = gᵀ h
+            if need_vb or need_mb:  # d(sB) = dyᵀ u
                 grad_vb, grad_mb = torch.ops.fedlora.scaled_factor_backward(
                     torch.mm(grad_out.t(), hidden).to(factor_dtype), *norm_state_b, ctx.scaling
                 )
             if need_va or need_ma or need_x:
-                grad_hidden = torch.mm(grad_out, lora_b).to(x.dtype)  # dL/dh = g (sB)
-            if need_va or need_ma:  # dL/dA = (dL/dh)ᵀ x̃
+                grad_hidden = torch.mm(grad_out, lora_b).to(x.dtype)  # du = dy (sB)
+            if need_va or need_ma:  # dA = duᵀ x̃
                 grad_va, grad_ma = torch.ops.fedlora.scaled_factor_backward(
                     torch.mm(grad_hidden.t(), undo_dropout(x)).to(factor_dtype), *norm_state_a
                 )
-            if need_x:  # dL/dx = dropout'(dL/dh · A)
+            if need_x:  # dx = q M⊙(du A)
                 grad_x = undo_dropout(torch.mm(grad_hidden, lora_a))
         return grad_x, grad_va, grad_ma, grad_vb, grad_mb, None, None, grad_out if need_base else None
-
-
-def _check_inputs(x, direction_a, magnitude_a, direction_b, magnitude_b, dropout_p) -> None:
-    """Shapes, dtypes and devices that the op kernels cannot check on their own (they see one factor at a time)."""
-    if direction_a.dim() != 2 or direction_b.dim() != 2:
-        raise ValueError(
-            f"direction_a (r, k) and direction_b (d, r) must be 2-D, got {tuple(direction_a.shape)} and "
-            f"{tuple(direction_b.shape)}"
-        )
-    rank, in_features = direction_a.shape
-    if direction_b.shape[1] != rank:
-        raise ValueError(f"direction_b has {direction_b.shape[1]} columns but direction_a has rank {rank} rows")
-    if x.dim() == 0 or x.shape[-1] != in_features:
-        raise ValueError(f"x must have shape (..., {in_features}) to match direction_a, got {tuple(x.shape)}")
-    factors = {"magnitude_a": magnitude_a, "direction_b": direction_b, "magnitude_b": magnitude_b}
-    for name, tensor in factors.items():
-        if tensor.dtype != direction_a.dtype or tensor.device != direction_a.device:
-            raise ValueError(
-                f"{name} is {tensor.dtype} on {tensor.device} but direction_a is {direction_a.dtype} on "
-                f"{direction_a.device}"
-            )
-    if x.device != direction_a.device:
-        raise ValueError(f"x is on {x.device} but the adapter's factors are on {direction_a.device}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
 
 
 def _compute_dtype(x: torch.Tensor, factor_dtype: torch.dtype) -> torch.dtype:
@@ -197,7 +169,7 @@ def feddora_lora_native(
     reason = unavailable_reason(x.device)
     if reason:
         raise RuntimeError(reason)
-    _check_inputs(x, direction_a, magnitude_a, direction_b, magnitude_b, dropout_p)
+    check_inputs(x, direction_a, magnitude_a, direction_b, magnitude_b, dropout_p, base_out)
     x = x.to(_compute_dtype(x, direction_a.dtype))
     out_features = direction_b.shape[0]
     out_shape = (*x.shape[:-1], out_features)

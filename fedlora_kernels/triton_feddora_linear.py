@@ -1,21 +1,22 @@
-"""The FedDoRA layer's whole forward and backward as one op that owns the frozen base weight W₀ (and bias b):
+"""Experimental: the FedDoRA layer's whole forward and backward as one op owning the frozen base weight W₀ (and bias b).
 
-    y = x W₀ᵀ + b + s · dropout(x) Aᵀ Bᵀ          (A = V_A diag(m_A/‖V_A‖), B = V_B diag(m_B/‖V_B‖), see
-                                                   :mod:`fedlora_kernels.triton_feddora` for the notation)
+Not wired into the FedDoRA layer (which calls :func:`fedlora_kernels.feddora_lora`) and not yet timed on a GPU. It
+computes ``F.linear(x, W₀, b)`` plus the branch of :mod:`fedlora_kernels.reference`'s docstring, in the notation of
+:mod:`fedlora_kernels.triton_feddora`, on that package's launchers plus one Triton GEMM of its own.
 
 Owning W₀ lets the branch's share of dx be written together with the base's, instead of autograd adding two N×k
 tensors (which, at N=8192, 4096→4096, r=16, bf16, was ≈ 0.19 GB of the ≈ 0.64 GB the branch costs beyond the base
-GEMMs). Two ways to run the base GEMMs (``base_gemm``, default ``FEDLORA_BASE_GEMM`` or ``cublas``):
+GEMMs, counted, not timed). Two ways to run the base GEMMs (``base_gemm``, default ``FEDLORA_BASE_GEMM`` or
+``cublas``):
 
 * ``cublas``: torch's GEMMs for x W₀ᵀ + b and dy W₀; the forward kernel adds s u Bᵀ while it streams the base output
   into y (as in :func:`~fedlora_kernels.triton_feddora.feddora_lora_triton`), and the backward's pass over x adds
-  M ⊙ (w A) into the base's dx in place: no extra N×k tensor, no autograd add.
-* ``triton``: :func:`_linear_lora_kernel`, a Triton GEMM whose epilogue adds the low-rank term: y = x W₀ᵀ + b +
-  (s u diag g_B) V_Bᵀ (u from a u-only pass over x) and dx = dy W₀ + M ⊙ (w A), so neither y nor dx is written twice.
+  its dx into the base's dx in place: no extra N×k tensor, no autograd add.
+* ``triton``: :func:`_linear_lora_kernel`, a Triton GEMM whose epilogue adds the low-rank term to y (u from a u-only
+  pass over x) and to dx, so neither y nor dx is written twice.
 
-Which is faster has not been measured yet (no GPU so far): ``benchmarks.kernels`` times both (``feddora_linear_cublas``,
-``feddora_linear_triton``) next to the unfused op. W₀ and b are frozen in PEFT; if they require grad anyway, dW₀ =
-dyᵀx and db = Σ dy are computed with torch.
+``benchmarks.kernels`` can time both (``feddora_linear_cublas``, ``feddora_linear_triton``) next to the unfused op.
+W₀ and b are frozen in PEFT; if they require grad anyway, dW₀ = dyᵀx and db = Σ dy are computed with torch.
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ import triton
 import triton.language as tl
 from torch.nn import functional as F
 
-from . import triton_feddora as _ops
-from .reference import feddora_lora_reference
-from .triton_feddora import _DotMode, _keep, _mma
+from .reference import check_inputs, feddora_lora_reference
+from .triton_feddora import launch
+from .triton_feddora.kernels import dropout_keep, mma
 
 BASE_GEMM_ENV = "FEDLORA_BASE_GEMM"
 BASE_GEMMS = ("cublas", "triton")
@@ -108,7 +109,7 @@ def _linear_lora_kernel(
             mask=k_ok[:, None] & out_ok[None, :],
             other=0.0,
         )
-        acc = _mma(a, w, acc, FP32_DOT, PRECISION)
+        acc = mma(a, w, acc, FP32_DOT, PRECISION)
 
     # Epilogue: the low-rank term, a (BLOCK_M × BLOCK_R) · (BLOCK_R × BLOCK_N) dot on register tiles.
     ranks = tl.arange(0, BLOCK_R)
@@ -123,9 +124,11 @@ def _linear_lora_kernel(
     if HAS_R_GAIN:
         r_t = r_t * tl.load(r_gain_ptr + outs, mask=out_ok, other=0.0)[None, :]
     zero = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    branch = _mma((low * l_gain[None, :]).to(dtype), r_t.to(dtype), zero, FP32_DOT, PRECISION)
+    branch = mma((low * l_gain[None, :]).to(dtype), r_t.to(dtype), zero, FP32_DOT, PRECISION)
     if DROPOUT:
-        branch = branch * _keep(tl.load(seed_ptr), rows64, pid_n * BLOCK_N, n_out, dropout_p, BLOCK_N, tl.float32)
+        branch = branch * dropout_keep(
+            tl.load(seed_ptr), rows64, pid_n * BLOCK_N, n_out, dropout_p, BLOCK_N, tl.float32
+        )
     acc += branch
     if HAS_BIAS:
         acc += tl.load(bias_ptr + outs, mask=out_ok, other=0.0).to(tl.float32)[None, :]
@@ -144,123 +147,75 @@ def _linear_lora(
     r_gain: torch.Tensor | None,
     seed: torch.Tensor | None,
     dropout_p: float,
-    mode: _DotMode,
+    mode: launch.DotMode,
 ) -> torch.Tensor:
     """a wᵀ (+ bias) + M ⊙ (low diag(l_scale·l_gain) (r0 diag r_gain)ᵀ) for a (N×K), w (n_out×K), r0 (n_out×r)."""
-    config = _ops.CONFIG
+    config = launch.CONFIG  # read at each call: tests replace it
     n_rows, n_red = a.shape
     n_out, rank = r0.shape
     out = torch.empty((n_rows, n_out), device=a.device, dtype=a.dtype)
-    block_r = max(16, triton.next_power_of_2(rank))
-    block_m = _ops._tile(config.gemm_block_m, block_r, a.dtype)
-    block_n = _ops._tile(config.gemm_block_n, block_r, a.dtype)
-    block_k = _ops._tile(config.gemm_block_k, 16, a.dtype)
+    block_r = launch.rank_tile(rank)
+    block_m = launch.tile(config.gemm_block_m, block_r, a.dtype)
+    block_n = launch.tile(config.gemm_block_n, block_r, a.dtype)
+    block_k = launch.tile(config.gemm_block_k, 16, a.dtype)
     grid = (triton.cdiv(n_rows, block_m) * triton.cdiv(n_out, block_n),)
     _linear_lora_kernel[grid](
-        a,
-        w,
-        bias,
-        low,
-        l_gain,
-        r0,
-        r_gain,
-        out,
-        seed,
-        n_rows,
-        n_out,
-        n_red,
-        rank,
-        a.stride(0),
-        a.stride(1),
-        w.stride(0),
-        w.stride(1),
-        r0.stride(0),
-        r0.stride(1),
-        l_scale,
-        dropout_p,
-        HAS_BIAS=bias is not None,
-        HAS_R_GAIN=r_gain is not None,
-        DROPOUT=seed is not None,
-        FP32_DOT=mode.fp32_dot,
-        PRECISION=mode.precision,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
-        BLOCK_R=block_r,
-        GROUP_M=8,
-        num_warps=config.num_warps_gemm,
-        num_stages=config.num_stages,
-    )
+        a, w, bias, low, l_gain, r0, r_gain, out, seed, n_rows, n_out, n_red, rank,
+        *a.stride(), *w.stride(), *r0.stride(), l_scale, dropout_p,
+        HAS_BIAS=bias is not None, HAS_R_GAIN=r_gain is not None, DROPOUT=seed is not None, **mode.constexprs(),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r, GROUP_M=8,
+        num_warps=config.num_warps_gemm, num_stages=config.num_stages,
+    )  # fmt: skip
     return out
 
 
 class _FedDoRALinearFunction(torch.autograd.Function):
-    """Autograd of ``x W₀ᵀ + b + s·dropout(x) Aᵀ Bᵀ`` on 2-D x (N×k)."""
+    """Autograd of ``x W₀ᵀ + b`` plus the reference's branch, on 2-D x (N×k)."""
 
     @staticmethod
     def forward(
         ctx, x, weight, bias, direction_a, magnitude_a, direction_b, magnitude_b, scaling, dropout_p, base_gemm
     ):
-        mode = _DotMode.of(x.dtype)
-        norm_a, gain_a = _ops._column_scales(direction_a, magnitude_a)
-        norm_b, gain_b = _ops._column_scales(direction_b, magnitude_b)
-        seed = _ops.draw_dropout_seed(x.device) if dropout_p > 0.0 else None
+        mode = launch.DotMode.of(x.dtype)
+        saved = launch.scales(direction_a, magnitude_a, direction_b, magnitude_b, dropout_p)
+        inputs = (x, direction_a, direction_b, saved)
         if base_gemm == "triton":
-            _, u = _ops._forward_pass(
-                x, direction_a, gain_a, direction_b, gain_b, None, seed, scaling, dropout_p, mode, compute_y=False
-            )
-            y = _linear_lora(x, weight, bias, u, gain_b, scaling, direction_b, None, None, 0.0, mode)
+            _, u = launch.forward_pass(*inputs, None, scaling, dropout_p, mode, compute_y=False)
+            y = _linear_lora(x, weight, bias, u, saved.gain_b, scaling, direction_b, None, None, 0.0, mode)
         else:
-            base = F.linear(x, weight, bias)
-            y, u = _ops._forward_pass(x, direction_a, gain_a, direction_b, gain_b, base, seed, scaling, dropout_p, mode)
-        ctx.save_for_backward(x, weight, direction_a, direction_b, norm_a, gain_a, norm_b, gain_b, u, seed)
+            y, u = launch.forward_pass(*inputs, F.linear(x, weight, bias), scaling, dropout_p, mode)
+        ctx.save_for_backward(x, weight, direction_a, direction_b, u, *saved)
         ctx.scaling, ctx.dropout_p, ctx.base_gemm = scaling, dropout_p, base_gemm
         return y
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, direction_a, direction_b, norm_a, gain_a, norm_b, gain_b, u, seed = ctx.saved_tensors
-        need_dx, need_w, need_bias = ctx.needs_input_grad[:3]
-        need_adapter = any(ctx.needs_input_grad[3:7])
+        x, weight, direction_a, direction_b, u, *saved = ctx.saved_tensors
+        saved = launch.Scales(*saved)
+        need_dx, need_w, need_bias, *need_params = ctx.needs_input_grad[:7]
+        need_adapter = any(need_params)
         grad_out = grad_out.contiguous()
-        mode = _DotMode.of(x.dtype)
+        mode = launch.DotMode.of(x.dtype)
         w_scale = ctx.scaling / (1.0 - ctx.dropout_p)
-        dx = da = da_dot = db = db_dot = None
+        dx = grad_a_parts = grad_b_parts = None
         if need_dx or need_adapter:
-            t, db, db_dot = _ops._grad_output_pass(grad_out, direction_b, u if need_adapter else None, mode)
+            t, grad_b_parts = launch.grad_output_pass(grad_out, direction_b, u if need_adapter else None, mode)
             fused_dx = need_dx and ctx.base_gemm == "triton"
-            if fused_dx:
-                weight_t = weight.t()  # (k×d) view: dx = dy W₀ + M ⊙ (w A) in one GEMM
-                dx = _linear_lora(
-                    grad_out, weight_t, None, t, gain_b, w_scale, direction_a.t(), gain_a, seed, ctx.dropout_p, mode
-                )
+            if fused_dx:  # dx = dy W₀ + the branch's dx, in one GEMM on the (k×d) view W₀ᵀ
+                branch = (t, saved.gain_b, w_scale, direction_a.t(), saved.gain_a, saved.seed, ctx.dropout_p)
+                dx = _linear_lora(grad_out, weight.t(), None, *branch, mode)
             if (need_dx and not fused_dx) or need_adapter:
                 dx_base = grad_out @ weight if need_dx and not fused_dx else None
-                dx_branch, da, da_dot = _ops._grad_input_pass(
-                    x,
-                    t,
-                    direction_a,
-                    gain_a,
-                    gain_b,
-                    seed,
-                    w_scale,
-                    ctx.dropout_p,
-                    dx_base is not None,
-                    need_adapter,
-                    mode,
-                    dx_into=dx_base,
+                dx_branch, grad_a_parts = launch.grad_input_pass(
+                    x, t, direction_a, saved, w_scale, ctx.dropout_p, dx_base is not None, need_adapter, mode, dx_base
                 )
                 dx = dx if fused_dx else dx_branch
-        grads_a = grads_b = (None, None)
-        if need_adapter:
-            grads_a = _ops._factor_grads(da, da_dot, direction_a, norm_a, gain_a, 1.0)
-            grads_b = _ops._factor_grads(db, db_dot, direction_b, norm_b, gain_b, ctx.scaling)
-        adapter_grads = [
-            g if needed else None for g, needed in zip((*grads_a, *grads_b), ctx.needs_input_grad[3:7], strict=True)
-        ]
+        params = launch.parameter_grads(
+            need_params, grad_a_parts, grad_b_parts, direction_a, direction_b, saved, ctx.scaling
+        )
         grad_weight = grad_out.t() @ x if need_w else None
         grad_bias = grad_out.sum(0) if need_bias else None
-        return dx, grad_weight, grad_bias, *adapter_grads, None, None, None
+        return dx, grad_weight, grad_bias, *params, None, None, None
 
 
 def feddora_linear_triton(
@@ -275,42 +230,26 @@ def feddora_linear_triton(
     dropout_p: float = 0.0,
     base_gemm: str | None = None,
 ) -> torch.Tensor:
-    """``F.linear(x, weight, bias) + s · dropout(x) Aᵀ Bᵀ``: the FedDoRA-adapted linear layer as one op (see the
-    module docstring for ``base_gemm``). x (..., k), weight (d×k), bias (d,) or None and the four adapter parameters
-    share one dtype (fp32, fp16 or bf16); the dropout mask is the one of
-    :func:`~fedlora_kernels.triton_feddora.dropout_keep_mask` for the op's seed."""
+    """Experimental (see the module docstring): ``F.linear(x, weight, bias)`` plus the FedDoRA branch as one op.
+
+    x (..., k), weight (d×k), bias (d,) or None and the four adapter parameters share one dtype (fp32, fp16 or bf16);
+    the dropout mask is the one of :func:`~fedlora_kernels.triton_feddora.dropout_keep_mask` for the op's seed."""
     base_gemm = base_gemm or os.environ.get(BASE_GEMM_ENV) or "cublas"
     if base_gemm not in BASE_GEMMS:
         raise ValueError(f"base_gemm must be one of {', '.join(BASE_GEMMS)}, got {base_gemm!r}")
-    rank, n_in = direction_a.shape
-    n_out = direction_b.shape[0]
+    params = (direction_a, magnitude_a, direction_b, magnitude_b)
+    check_inputs(x, *params, dropout_p)
+    n_in, n_out = x.shape[-1], direction_b.shape[0]
     if weight.shape != (n_out, n_in) or (bias is not None and bias.shape != (n_out,)):
         raise ValueError(
             f"shape mismatch: weight {tuple(weight.shape)}, bias {None if bias is None else tuple(bias.shape)}, "
             f"expected ({n_out}, {n_in}) and ({n_out},)"
         )
-    tensors = (x, weight, direction_a, magnitude_a, direction_b, magnitude_b) + ((bias,) if bias is not None else ())
-    if x.dtype not in _ops.SUPPORTED_DTYPES or any(t.dtype != x.dtype for t in tensors):
-        raise TypeError(
-            "feddora_linear_triton needs x, the base weight/bias and the four parameters in one of "
-            "float32/float16/bfloat16, got " + ", ".join(str(t.dtype) for t in tensors)
-        )
-    lead = x.shape[:-1]
+    base = (weight,) if bias is None else (weight, bias)
+    launch.check_dtypes("feddora_linear_triton", "x, the base weight/bias and the four parameters", (x, *base, *params))
     if x.numel() == 0:
-        params = (direction_a, magnitude_a, direction_b, magnitude_b)
         return feddora_lora_reference(x, *params, scaling, dropout_p, F.linear(x, weight, bias))
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     y = _FedDoRALinearFunction.apply(
-        x.reshape(-1, n_in),
-        weight,
-        bias,
-        direction_a,
-        magnitude_a,
-        direction_b,
-        magnitude_b,
-        float(scaling),
-        float(dropout_p),
-        base_gemm,
+        x.reshape(-1, n_in), weight, bias, *params, float(scaling), float(dropout_p), base_gemm
     )
-    return y.view(*lead, n_out)
+    return y.view(*x.shape[:-1], n_out)

@@ -20,7 +20,7 @@ import pytest
 pytest.importorskip("triton")
 
 REPO = Path(__file__).resolve().parents[1]
-KERNEL_FILES = ("triton_feddora.py", "triton_feddora_linear.py")
+KERNEL_FILES = ("triton_feddora/kernels.py", "triton_feddora_linear.py")
 
 
 def test_every_launched_variant_compiles_for_hopper_and_ampere(tmp_path: Path) -> None:
