@@ -22,6 +22,7 @@ from torch import nn
 from fedlora import FedDoRAConfig
 from fedlora.tuners.feddora import Linear as FedDoRALinear
 from fedlora_kernels import NORM_EPS, feddora_lora_reference
+from tests.numerics import assert_within_reference_error
 from tests.tiny import tiny_gpt2, tiny_llama
 
 # The layer checks run in float64, except under FEDLORA_BACKEND=triton: Triton has no float64, so they run in float32.
@@ -419,3 +420,164 @@ def test_unsupported_target_names_module_and_type():
 def test_target_matching_nothing_raises():
     with pytest.raises(ValueError, match="not found in the base model"):
         get_peft_model(tiny_llama(), FedDoRAConfig(target_modules=["no_such_module"]))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The layer with non-trivial magnitudes against a float64 hand formula, and against PEFT LoRA given the same A and B
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def randomize_magnitudes(peft_model, seed: int = 1) -> None:
+    """Every adapted layer's m_A and m_B set to random positive values (0.2 to 2.2), far from ‖V‖_col, so A ≠ V_A and
+    B ≠ V_B: the magnitudes then matter to every output, merge and gradient."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in peft_model.modules():
+            if isinstance(module, FedDoRALinear):
+                for factor in (module.feddora_A["default"], module.feddora_B["default"]):
+                    magnitude = factor.magnitude
+                    value = torch.rand(magnitude.shape, generator=gen, dtype=torch.float64) * 2 + 0.2
+                    magnitude.copy_(value.to(magnitude))
+
+
+def hand_factors(layer, dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """A = V_A·m_A/sqrt(Σ V_A² + eps) and B = V_B·m_B/sqrt(Σ V_B² + eps) (column-wise) from the layer's tensors,
+    written out in ``dtype``."""
+    a, b = layer.feddora_A["default"], layer.feddora_B["default"]
+    va, ma, vb, mb = (t.detach().to(dtype) for t in (a.direction, a.magnitude, b.direction, b.magnitude))
+    lora_a = va * ma / torch.sqrt((va * va).sum(dim=0) + NORM_EPS)
+    lora_b = vb * mb / torch.sqrt((vb * vb).sum(dim=0) + NORM_EPS)
+    return lora_a, lora_b
+
+
+def hand_delta_weight(layer, dtype=torch.float64) -> torch.Tensor:
+    """ΔW = s·B A (d×k) from :func:`hand_factors` in ``dtype``."""
+    lora_a, lora_b = hand_factors(layer, dtype)
+    return layer.scaling["default"] * (lora_b @ lora_a)
+
+
+def hand_output(layer, x, dtype=torch.float64) -> torch.Tensor:
+    """x W₀ᵀ + bias + x ΔWᵀ in ``dtype`` (W₀ in the (d, k) layout, whatever the base's layout)."""
+    base = layer.get_base_layer()
+    w0 = base.weight.detach().to(dtype)
+    w0 = w0.T if layer.fan_in_fan_out else w0
+    return x.detach().to(dtype) @ (w0 + hand_delta_weight(layer, dtype)).T + base.bias.detach().to(dtype)
+
+
+def adapted_single_layer(kind: str, device, use_rslora: bool = False):
+    """A k=13 → d=11 nn.Linear, or transformers Conv1D ((in, out) weight layout), with a rank-3 FedDoRA adapter
+    (lora_alpha 6) whose magnitudes are random; in LAYER_DTYPE on ``device``."""
+    torch.manual_seed(0)
+    if kind == "linear":
+        model = nn.Sequential(nn.Linear(13, 11))
+    else:
+        from transformers.pytorch_utils import Conv1D
+
+        model = nn.Sequential(Conv1D(11, 13))
+        nn.init.normal_(model[0].bias)
+    config = FedDoRAConfig(
+        r=3,
+        lora_alpha=6,
+        target_modules=["0"],
+        init_weights=False,
+        use_rslora=use_rslora,
+        fan_in_fan_out=kind != "linear",
+    )
+    peft_model = get_peft_model(model, config).to(device=device, dtype=LAYER_DTYPE)
+    randomize_magnitudes(peft_model)
+    return peft_model, peft_model.base_model.model[0]
+
+
+@pytest.mark.parametrize("kind,use_rslora", [("linear", False), ("linear", True), ("conv1d", False)])
+def test_random_magnitudes_output_and_gradients_match_float64_formula(kind, use_rslora, device):
+    peft_model, layer = adapted_single_layer(kind, device, use_rslora)
+    assert layer.scaling["default"] == pytest.approx(6 / (math.sqrt(3) if use_rslora else 3))
+    a, b = layer.feddora_A["default"], layer.feddora_B["default"]
+    assert (a.magnitude - a.direction.norm(dim=0)).abs().min() > 1e-3  # the magnitudes are not the norms
+    x = torch.randn(2, 5, 13, dtype=LAYER_DTYPE, device=device)
+    out = peft_model(x)
+    assert_within_reference_error(out, hand_output(layer, x, LAYER_DTYPE), hand_output(layer, x), "output")
+
+    params = {"V_A": a.direction, "m_A": a.magnitude, "V_B": b.direction, "m_B": b.magnitude}
+    grad_out = torch.randn_like(out)
+    got = torch.autograd.grad(out, list(params.values()), grad_out)
+
+    def hand_gradients(dtype):
+        leaves = {name: p.detach().to(dtype).requires_grad_() for name, p in params.items()}
+        lora_a = leaves["V_A"] * leaves["m_A"] / torch.sqrt((leaves["V_A"] ** 2).sum(0) + NORM_EPS)
+        lora_b = leaves["V_B"] * leaves["m_B"] / torch.sqrt((leaves["V_B"] ** 2).sum(0) + NORM_EPS)
+        branch = layer.scaling["default"] * x.to(dtype) @ lora_a.T @ lora_b.T
+        return torch.autograd.grad(branch, list(leaves.values()), grad_out.to(dtype))
+
+    same_dtype, ref64 = hand_gradients(LAYER_DTYPE), hand_gradients(torch.float64)
+    for name, g, s, r in zip(params, got, same_dtype, ref64, strict=True):
+        assert_within_reference_error(g, s, r, f"gradient of {name}")
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_random_magnitudes_merge_matches_float64_formula(kind, device):
+    """merge adds s·B A (in the base's layout) to the weight, so merged outputs are the formula's too; unmerge restores
+    W₀."""
+    peft_model, layer = adapted_single_layer(kind, device)
+    peft_model.eval()
+    x = torch.randn(6, 13, dtype=LAYER_DTYPE, device=device)
+    w0 = layer.get_base_layer().weight.detach().clone()
+    delta64 = hand_delta_weight(layer)
+    delta = hand_delta_weight(layer, LAYER_DTYPE)
+    layout = (lambda w: w.T) if layer.fan_in_fan_out else (lambda w: w)
+    assert delta64.abs().max() > 0.1  # a visible update
+    expected, expected64 = hand_output(layer, x, LAYER_DTYPE), hand_output(layer, x)  # from W₀, before merging
+    with torch.no_grad():
+        assert_within_reference_error(peft_model(x), expected, expected64, "unmerged output")
+        peft_model.merge_adapter()
+        merged_weight = layer.get_base_layer().weight.detach()
+        assert_within_reference_error(
+            layout(merged_weight), layout(w0) + delta, layout(w0).double() + delta64, "merged weight"
+        )
+        merged = peft_model(x)
+        assert_within_reference_error(merged, expected, expected64, "merged output")
+        peft_model.unmerge_adapter()
+        restored = layer.get_base_layer().weight.detach()
+        assert_within_reference_error(restored, (w0 + layout(delta)) - layout(delta), w0.double(), "unmerged weight")
+
+
+def test_matches_peft_lora_given_the_same_a_and_b(device):
+    """A PEFT LoRA model on the same tiny Llama, with lora_A = A and lora_B = B copied from FedDoRA's (random
+    magnitudes) and the same r and lora_alpha (so the same s), gives FedDoRA's logits: in float64 (LoRA in float64
+    with A, B computed in float64) to float64 rounding, in LAYER_DTYPE within the numerics rule."""
+    from peft import LoraConfig
+
+    targets = ["q_proj", "v_proj", "down_proj"]
+    tokens = TOKENS.to(device)
+    feddora = get_peft_model(
+        tiny_llama().to(device=device, dtype=LAYER_DTYPE),
+        FedDoRAConfig(r=4, lora_alpha=12, target_modules=targets, init_weights=False),
+    ).eval()
+    randomize_magnitudes(feddora)
+    factors = {}
+    for name, module in feddora.base_model.model.named_modules():
+        if isinstance(module, FedDoRALinear):
+            factors[name] = hand_factors(module)
+    assert len(factors) == 2 * len(targets)
+
+    def lora_logits(dtype):
+        config = LoraConfig(r=4, lora_alpha=12, target_modules=targets, init_lora_weights=False)
+        lora = get_peft_model(tiny_llama().to(device=device, dtype=dtype), config).eval()
+        copied = 0
+        for name, module in lora.base_model.model.named_modules():
+            if name in factors:
+                assert module.scaling["default"] == 3.0
+                with torch.no_grad():
+                    module.lora_A["default"].weight.copy_(factors[name][0])
+                    module.lora_B["default"].weight.copy_(factors[name][1])
+                copied += 1
+        assert copied == len(factors)
+        with torch.no_grad():
+            return lora(tokens).logits
+
+    with torch.no_grad():
+        got = feddora(tokens).logits
+        base = tiny_llama().to(device=device, dtype=LAYER_DTYPE)(tokens).logits
+    lora64 = lora_logits(torch.float64)
+    assert (lora64 - base.double()).abs().max() > 0.1  # the adapters change the logits visibly
+    assert_within_reference_error(got, lora_logits(LAYER_DTYPE), lora64, "logits")
