@@ -8,6 +8,7 @@ step runner's timeout and failure handling are checked on tiny commands.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -97,10 +98,14 @@ def test_a_step_past_its_cap_is_killed_and_fails(tmp_path: Path, monkeypatch: py
     outcome = gpu_check.run_step(sleeper, tmp_path, "t")
     assert outcome.status == "timeout" and outcome.seconds < 30, outcome
     assert (tmp_path / "t-sleeper.log").read_text().startswith("started")
+    timing = gpu_check.run_step(dataclasses.replace(sleeper, name="timing", timing=True), tmp_path, "t")
+    assert timing.status == "cut" and timing.seconds < 30, timing  # a timing step cut at its cap keeps its rows
+    assert gpu_check.failed_steps([outcome, timing]) == ["sleeper"]
 
     probe = "import os, sys; print(os.environ.get('TRITON_INTERPRET')); sys.exit(3)"
     failing = gpu_check.run_step(gpu_check.Step("failing", (sys.executable, "-c", probe), 30), tmp_path, "t")
     assert failing.status == "failed" and failing.detail == "exit 3"
+    assert gpu_check.failed_steps([timing, failing]) == ["failing"]
     assert (tmp_path / "t-failing.log").read_text().strip() == "None"  # a step without it runs without the interpreter
 
 

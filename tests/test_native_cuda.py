@@ -56,7 +56,7 @@ def assert_matches_reference(impl_fn, ref_fn, inputs: dict[str, torch.Tensor], g
         assert_within_reference_error(value.cpu(), same_dtype[name].cpu(), ref64[name], name)
 
 
-def cuda_factor(direction: torch.Tensor, magnitude: torch.Tensor, scale: float) -> torch.Tensor:
+def native_factor(direction: torch.Tensor, magnitude: torch.Tensor, scale: float) -> torch.Tensor:
     return OPS.scaled_factor(direction, magnitude, scale)[0]
 
 
@@ -71,7 +71,7 @@ FACTOR_SHAPES = [(1, 1), (1, 4097), (4, 37), (16, 300), (300, 3), (23, 1), (1500
 def test_cuda_scaled_factor_and_backward_match_reference(dtype, rows, cols, scale):
     inputs = random_inputs({"direction": (rows, cols), "magnitude": (cols,)}, dtype)
     grad_out = torch.randn(rows, cols, generator=torch.Generator().manual_seed(1)).to(dtype)
-    assert_matches_reference(cuda_factor, reference_factor, inputs, grad_out, scale=scale)
+    assert_matches_reference(native_factor, reference_factor, inputs, grad_out, scale=scale)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -92,7 +92,7 @@ def test_cuda_zero_column_uses_norm_eps():
     assert inv_norm[2].item() == pytest.approx(NORM_EPS**-0.5, rel=1e-12)
     assert inv_norm[35].item() == pytest.approx(NORM_EPS**-0.5, rel=1e-12)
     grad_out = torch.randn(5, 40, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    assert_matches_reference(cuda_factor, reference_factor, inputs, grad_out, scale=1.0)
+    assert_matches_reference(native_factor, reference_factor, inputs, grad_out, scale=1.0)
 
 
 def test_cuda_scaled_factor_accepts_non_contiguous_direction():
@@ -172,7 +172,7 @@ def test_cuda_matches_the_cpu_kernels():
     """The CUDA and CPU kernels compute the same fp64 sums: float64 factors and gradients agree to rounding."""
     inputs = random_inputs({"direction": (50, 70), "magnitude": (70,)}, torch.float64)
     grad = torch.randn(50, 70, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    cpu = value_and_grads(cuda_factor, inputs, grad, scale=0.9)
-    gpu = value_and_grads(cuda_factor, on_cuda(inputs), grad.to(CUDA), scale=0.9)
+    cpu = value_and_grads(native_factor, inputs, grad, scale=0.9)
+    gpu = value_and_grads(native_factor, on_cuda(inputs), grad.to(CUDA), scale=0.9)
     for name, value in cpu.items():
         torch.testing.assert_close(gpu[name].cpu(), value, rtol=1e-12, atol=1e-14, msg=name)
