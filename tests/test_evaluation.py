@@ -50,6 +50,23 @@ def model(tokenizer):
     return tiny_llama(len(tokenizer))
 
 
+def hand_loss(model, split) -> tuple[float, int]:
+    """The token-weighted mean cross-entropy over response tokens, by hand: each row alone (no padding, no batch), its
+    logits in float64, -log softmax of the next token summed over the positions whose next label is not -100, divided
+    by their number over the whole split."""
+    total, count = 0.0, 0
+    model.eval()
+    for input_ids, labels in zip(split["input_ids"], split["labels"], strict=True):
+        with torch.no_grad():
+            logits = model(torch.tensor([input_ids])).logits[0].double()
+        log_probs = logits - torch.logsumexp(logits, dim=-1, keepdim=True)
+        for position in range(len(input_ids) - 1):
+            if labels[position + 1] != -100:
+                total -= log_probs[position, labels[position + 1]].item()
+                count += 1
+    return total / count, count
+
+
 def test_rouge_l_scores():
     assert rouge_l(["The cat sat on the mat."], ["the cat sat on the mat"]) == pytest.approx(1.0)
     assert rouge_l(["running dogs"], ["run dog"]) == pytest.approx(1.0)  # stemming
@@ -75,6 +92,8 @@ def test_evaluate_is_finite_and_restores_train_mode(model, tokenizer, split):
     assert model.training and not model.model.layers[0].training and model.model.layers[1].training
     assert torch.is_grad_enabled()
     assert "rougeL" not in evaluate(model, tokenizer, split)
+    # The loss is the hand computation's to float rounding (after the mode checks: hand_loss sets eval mode).
+    assert metrics["loss"] == pytest.approx(hand_loss(model, split)[0], rel=1e-5)
 
 
 def test_loss_matches_the_models_own_loss_and_ignores_padding(model, tokenizer, split):
@@ -85,6 +104,23 @@ def test_loss_matches_the_models_own_loss_and_ignores_padding(model, tokenizer, 
     one_by_one = evaluate_loss(model, split, tokenizer.pad_token_id, batch_size=1)
     batched = evaluate_loss(model, split, tokenizer.pad_token_id, batch_size=6)
     assert batched["loss"] == pytest.approx(one_by_one["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("batch_size", [1, 4, 6])
+def test_loss_is_the_token_weighted_mean_cross_entropy_over_response_tokens(model, tokenizer, split, batch_size):
+    """Against :func:`hand_loss`, to float32 rounding, on a model whose rows have very different losses (its output
+    layer scaled up), so a mean of per-row or per-batch means, a lost or extra token, or padding scored, would show."""
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)
+    expected, count = hand_loss(model, split)
+    lengths = [sum(label != -100 for label in row) for row in split["labels"]]
+    assert len(set(lengths)) > 1  # rows of different response lengths: token and row weights differ
+    per_row = [hand_loss(model, split.select([i]))[0] for i in range(len(split))]
+    assert max(per_row) - min(per_row) > 1.0 and abs(sum(per_row) / len(per_row) - expected) > 1e-2
+    metrics = evaluate_loss(model, split, tokenizer.pad_token_id, batch_size=batch_size)
+    assert metrics["num_tokens"] == count
+    assert metrics["loss"] == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    assert metrics["perplexity"] == pytest.approx(math.exp(expected), rel=1e-5)
 
 
 def test_batched_left_padded_generation_matches_unbatched(model, tokenizer):
