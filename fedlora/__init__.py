@@ -18,6 +18,7 @@ import importlib.abc
 import importlib.machinery
 import importlib.util
 import sys
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -31,50 +32,60 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'fedlora' has no attribute {name!r}")
 
 
-class _HeldBack(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Makes ``import bitsandbytes`` raise ImportError while installed; ``find_spec`` answers as usual (so
-    availability checks such as ``importlib.util.find_spec`` still see bitsandbytes)."""
+class _Hook(importlib.abc.MetaPathFinder):
+    """Finds top-level module ``name`` as the other finders do, with ``exec_module(loader, module)`` run in place of
+    its loader's ``exec_module``."""
+
+    def __init__(self, name: str, exec_module: Callable[[importlib.abc.Loader, ModuleType], None]) -> None:
+        self.name, self.exec_module, self.finding = name, exec_module, False
 
     def find_spec(self, name: str, path: Any = None, target: ModuleType | None = None) -> Any:
-        if name != "bitsandbytes":
+        if name != self.name or self.finding:
             return None
-        return importlib.machinery.ModuleSpec(name, self)
-
-    def create_module(self, spec: importlib.machinery.ModuleSpec) -> None:
-        return None
-
-    def exec_module(self, module: ModuleType) -> None:
-        raise ImportError("bitsandbytes is held back while PEFT is imported (fedlora)", name="bitsandbytes")
-
-
-class _AfterPeft(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Imports PEFT through the real loader with bitsandbytes held back, then registers FedDoRA."""
-
-    def find_spec(self, name: str, path: Any = None, target: ModuleType | None = None) -> Any:
-        if name != "peft":
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
-        if spec is None or spec.loader is None:
-            return spec
-        self.loader = spec.loader
-        spec.loader = self
+        self.finding = True  # the other finders' spec, not ours
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            self.finding = False
+        if spec is not None and spec.loader is not None:
+            spec.loader = _Loader(spec.loader, self.exec_module)
         return spec
+
+
+class _Loader(importlib.abc.Loader):
+    """Runs ``exec_module(loader, module)``, leaving the module with its own loader (for resources, sources)."""
+
+    def __init__(self, loader: importlib.abc.Loader, exec_module: Callable[..., None]) -> None:
+        self.loader, self.run = loader, exec_module
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
         return self.loader.create_module(spec)
 
     def exec_module(self, module: ModuleType) -> None:
-        held = None if "bitsandbytes" in sys.modules else _HeldBack()
+        module.__loader__ = module.__spec__.loader = self.loader
+        self.run(self.loader, module)
+
+
+def _refuse(loader: importlib.abc.Loader, module: ModuleType) -> None:
+    raise ImportError(
+        "bitsandbytes is held back while PEFT is imported (see fedlora/__init__.py)", name=module.__name__
+    )
+
+
+def _import_peft(loader: importlib.abc.Loader, module: ModuleType) -> None:
+    """Run PEFT's import with bitsandbytes held back (``import bitsandbytes`` raises ImportError; finding it still
+    succeeds, so availability checks see it), then register FedDoRA."""
+    sys.meta_path[:] = [finder for finder in sys.meta_path if not isinstance(finder, _Hook)]
+    held = None if "bitsandbytes" in sys.modules else _Hook("bitsandbytes", _refuse)
+    if held is not None:
+        sys.meta_path.insert(0, held)
+    try:
+        loader.exec_module(module)
+    finally:
         if held is not None:
-            sys.meta_path.insert(0, held)
-        try:
-            self.loader.exec_module(module)
-        finally:
-            if held is not None:
-                sys.meta_path.remove(held)
-                _forget_bitsandbytes_checks()
-        importlib.import_module("fedlora.tuners.feddora")
+            sys.meta_path.remove(held)
+            _forget_bitsandbytes_checks()
+    importlib.import_module("fedlora.tuners.feddora")
 
 
 def _forget_bitsandbytes_checks() -> None:
@@ -88,5 +99,5 @@ def _forget_bitsandbytes_checks() -> None:
 
 if "peft" in sys.modules:
     importlib.import_module("fedlora.tuners.feddora")
-elif not any(isinstance(finder, _AfterPeft) for finder in sys.meta_path):
-    sys.meta_path.insert(0, _AfterPeft())
+elif not any(isinstance(finder, _Hook) for finder in sys.meta_path):
+    sys.meta_path.insert(0, _Hook("peft", _import_peft))

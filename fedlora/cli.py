@@ -216,7 +216,8 @@ def _train(args: argparse.Namespace) -> int:
 
 def _dry_run(config: RunConfig, resume: bool) -> int:
     """Check what ``train`` would check before loading anything, plus the model and data paths; print the
-    configuration as ``config.yaml`` would hold it, then what the paths name."""
+    configuration as ``config.yaml`` would hold it (``data.prompt_format: auto`` before the tokenizer resolves it),
+    then what the paths name."""
     import yaml
 
     from fedlora.data.federated import data_path_kind
@@ -229,6 +230,8 @@ def _dry_run(config: RunConfig, resume: bool) -> int:
     data = [f"{path} ({data_path_kind(path)})" for path in paths]
     print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
     print(f"# model: {config.model.name} ({model}); data: {', '.join(data)}; run directory: {config.output_dir}")
+    if config.data.prompt_format == "auto":
+        print("# data.prompt_format: the run writes chat or alpaca, as the tokenizer has a chat template or not")
     print("# dry run: nothing was loaded or written")
     return 0
 
