@@ -24,11 +24,8 @@ TOKENS = torch.tensor([[0, 5, 17, 42, 99, 3, 250, 7]])
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory) -> Path:
-    """A one-round fedlora-opt run of a tiny Llama (saved as a local model) over two clients, whose magnitudes are
-    personal: each client's model differs from the global one."""
-    root = tmp_path_factory.mktemp("export")
+def tiny_run(root: Path, strategy: str) -> Path:
+    """A one-round run of ``strategy`` on a tiny Llama (saved as a local model) over two clients."""
     model_dir = save_tiny_model(root / "tiny-llama")
     rows = [
         {"instruction": f"What is {i} plus {i}?", "context": "", "response": f"It is {2 * i}.", "category": f"c{i % 2}"}
@@ -45,12 +42,19 @@ def finished_run(tmp_path_factory) -> Path:
             "data.max_length=40",
             "adapter.r=2",
             "client.local_lr=0.05",
+            f"strategy={strategy}",
             "rounds=1",
             "eval.rouge_examples=0",
             f"output_dir={root / 'run'}",
         ],
     )
     return train(config, progress=False)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """A fedlora-opt run: the magnitudes are personal, so each client's model differs from the global one."""
+    return tiny_run(tmp_path_factory.mktemp("export"), "fedlora-opt")
 
 
 def evaluated_logits(run_dir: Path, client_id: str | None) -> torch.Tensor:
@@ -95,6 +99,17 @@ def test_exports_give_the_models_the_run_evaluates(finished_run, tmp_path):
         assert not torch.allclose(expected, expected_global, **TOLERANCE)  # its personal tensors matter
         torch.testing.assert_close(adapter_logits(adapters[client_id]), expected, **TOLERANCE)
         torch.testing.assert_close(merged_logits(merged[client_id]), expected, **TOLERANCE)
+
+
+def test_lora_clients_export_too(tmp_path):
+    """fedsa-lora: PEFT LoRA, with lora_B personal."""
+    run = tiny_run(tmp_path, "fedsa-lora")
+    adapter = export_client(run, "client_0", tmp_path / "adapter")
+    merged = export_client(run, "client_0", tmp_path / "merged", merge=True)
+    expected = evaluated_logits(run, "client_0")
+    assert not torch.allclose(expected, evaluated_logits(run, None), **TOLERANCE)
+    torch.testing.assert_close(adapter_logits(adapter), expected, **TOLERANCE)
+    torch.testing.assert_close(merged_logits(merged), expected, **TOLERANCE)
 
 
 def test_export_command_writes_one_client(finished_run, tmp_path, capsys):
