@@ -86,7 +86,7 @@ TRAIN_FLAGS = {
 
 
 def key_help(key: str) -> str:
-    """The one line of help of ``key`` (the strategy names filled in only where listed, as they need PEFT)."""
+    """The one line of help of ``key``, with the strategy names filled in (listing them imports PEFT)."""
     text = KEY_HELP[key]
     if "{strategies}" in text:
         from fedlora.federated.strategy import STRATEGIES
