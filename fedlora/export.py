@@ -55,7 +55,9 @@ def export_models(
     run_dir: str | Path, targets: Mapping[str | None, Path], *, merge: bool = False, device: str = "cpu"
 ) -> dict[str | None, Path]:
     """Write the model of each target (a client id, or :data:`GLOBAL`) to its directory, loading the base model
-    once; returns ``targets``."""
+    once; returns ``targets``. Raises, before the model loads, a ``FileExistsError`` for a directory that is not
+    empty and a ``ValueError`` for an unknown client, a Flower run's client (its SuperNodes keep the client
+    states) or ``merge`` of a quantized run."""
     from fedlora.federated.build import load_model
     from fedlora.federated.config import load_run_config
     from fedlora.federated.storage import atomic_dir, check_writable
@@ -78,7 +80,7 @@ def export_models(
             f"{run.path}: the run's clients keep their personal states on their Flower SuperNodes, not in the run "
             "directory; only its global model can be exported"
         )
-    known = set(client_names(run.path).values())
+    known = set(client_names(run.path).values()) if clients else set()
     for client_id in clients:
         if client_id not in known:
             raise ValueError(_unknown_client(run.path, client_id))
