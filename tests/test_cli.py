@@ -18,6 +18,8 @@ from fedlora.federated.config import ClientSettings, RunConfig, config_leaves, l
 from fedlora.keys import KEY_HELP, TRAIN_FLAGS
 from tests.tiny import save_tiny_model
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def write_rows(path: Path, count: int = 40) -> Path:
     """``count`` short instruction rows over two categories, as a JSON-lines file."""
@@ -66,10 +68,15 @@ def test_train_then_eval_a_local_model(tmp_path, capsys):
     assert Path(out / "global_adapter/adapter_config.json").is_file()
 
 
-def fedlora_process(*argv: str, cwd: Path | None = None) -> tuple[subprocess.CompletedProcess, float]:
-    """``python -m fedlora *argv`` in a process of its own, and how long it took."""
+def python(*args: str) -> subprocess.CompletedProcess:
+    """``python *args`` in a process of its own, in the repository root (so it imports this checkout's fedlora)."""
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT)
+
+
+def fedlora_process(*argv: str) -> tuple[subprocess.CompletedProcess, float]:
+    """``python -m fedlora *argv``, and how long it took."""
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "fedlora", *argv], capture_output=True, text=True, cwd=cwd)
+    result = python("-m", "fedlora", *argv)
     return result, time.perf_counter() - started
 
 
@@ -83,8 +90,7 @@ def test_the_command_answers_at_once(argv):
 
 def test_the_cli_imports_no_heavy_library():
     code = "import sys, fedlora.cli; print(sorted({'torch', 'transformers', 'peft', 'flwr'} & set(sys.modules)))"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == "[]"
+    assert python("-c", code).stdout.strip() == "[]"
 
 
 @pytest.mark.parametrize(
@@ -98,17 +104,18 @@ def test_the_cli_imports_no_heavy_library():
 def test_importing_fedlora_registers_feddora_and_holds_back_bitsandbytes(imports):
     registered = "from peft import PEFT_TYPE_TO_CONFIG_MAPPING as types; print('FEDDORA' in types)"
     code = f"import sys; {imports}; print('bitsandbytes' in sys.modules); {registered}"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    result = python("-c", code)
     held_back = not imports.startswith("import peft")
-    assert result.stdout.split() == [str(not held_back), "True"]
+    assert result.stdout.split() == [str(not held_back), "True"], result.stderr
     if held_back:
         assert "gemm_4bit" not in result.stderr, result.stderr
 
 
 def test_bitsandbytes_loads_when_needed():
     code = "import fedlora, peft, bitsandbytes; from peft.import_utils import is_bnb_4bit_available as a; print(a())"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == "True"  # bitsandbytes loads, and PEFT sees it, once a quantized base needs it
+    assert (
+        python("-c", code).stdout.strip() == "True"
+    )  # bitsandbytes loads, and PEFT sees it, once a quantized base needs it
 
 
 def test_dry_run_prints_the_config_and_writes_nothing(tmp_path, capsys, monkeypatch):
