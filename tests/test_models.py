@@ -1,10 +1,22 @@
-"""Model loading: local directories, clear errors for what cannot be loaded."""
+"""Model loading: local directories, clear errors for what cannot be loaded, portable names in saved adapters."""
+
+import json
 
 import huggingface_hub
 import pytest
+import yaml
+from peft import get_peft_model
 
-from fedlora.models import load_model_and_tokenizer, resolve_model_path
-from tests.tiny import tiny_llama, tiny_tokenizer
+import fedlora.models
+from fedlora import FedDoRAConfig
+from fedlora.models import (
+    PACKAGED_SMOLLM2,
+    SMOLLM2_HUB_ID,
+    load_model_and_tokenizer,
+    portable_model_name,
+    resolve_model_path,
+)
+from tests.tiny import save_tiny_model, tiny_llama, tiny_tokenizer
 
 
 def test_local_directory_loads_and_gets_a_pad_token(tmp_path):
@@ -27,3 +39,34 @@ def test_missing_gguf_and_incomplete_directory_are_reported(tmp_path):
         resolve_model_path(str(tmp_path / "model.gguf"))
     with pytest.raises(FileNotFoundError, match="config.json"):
         resolve_model_path(str(tmp_path))
+
+
+def saved_adapter_names(model, out) -> tuple[str, str]:
+    """The base model a saved FedDoRA adapter of ``model`` names: in adapter_config.json and in the model card."""
+    get_peft_model(model, FedDoRAConfig(r=2, target_modules=["q_proj"])).save_pretrained(out)
+    config = json.loads((out / "adapter_config.json").read_text())
+    card = yaml.safe_load((out / "README.md").read_text().split("---")[1])
+    return config["base_model_name_or_path"], card["base_model"]
+
+
+def test_saved_adapters_name_the_packaged_model_by_its_hub_id(tmp_path, monkeypatch):
+    model_dir = save_tiny_model(tmp_path / "cache" / "gguf" / "SmolLM2-135M-Instruct.Q4_1-1234")
+    monkeypatch.setattr(fedlora.models, "resolve_model_path", lambda name: str(model_dir))  # no GGUF conversion
+    model, _ = load_model_and_tokenizer(PACKAGED_SMOLLM2)
+    assert saved_adapter_names(model, tmp_path / "adapter") == (SMOLLM2_HUB_ID, SMOLLM2_HUB_ID)
+
+
+def test_saved_adapters_name_a_local_model_as_given(tmp_path, monkeypatch):
+    save_tiny_model(tmp_path / "tiny")
+    monkeypatch.chdir(tmp_path)
+    model, _ = load_model_and_tokenizer("tiny")
+    assert saved_adapter_names(model, tmp_path / "adapter") == ("tiny", "tiny")
+
+
+def test_portable_model_names(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDLORA_CACHE", str(tmp_path))
+    assert portable_model_name(PACKAGED_SMOLLM2) == SMOLLM2_HUB_ID
+    assert portable_model_name(str(tmp_path / "gguf" / "SmolLM2-135M-Instruct.Q4_1-1234")) == SMOLLM2_HUB_ID
+    assert portable_model_name(str(tmp_path / "gguf" / "other-1234")) == str(tmp_path / "gguf" / "other-1234")
+    assert portable_model_name("org/model") == "org/model"
+    assert portable_model_name("/models/llama") == "/models/llama"

@@ -17,7 +17,13 @@ import numpy as np
 from datasets import Dataset, concatenate_datasets
 from transformers import PreTrainedTokenizerBase
 
-from fedlora.data.loaders import DOLLY_COLUMNS, DOLLY_HUB_ID, load_instruction_dataset, load_natural_instructions
+from fedlora.data.loaders import (
+    DOLLY_COLUMNS,
+    DOLLY_HUB_ID,
+    load_instruction_dataset,
+    load_natural_instructions,
+    may_be_hub_id,
+)
 from fedlora.data.partition import dirichlet_partition, iid_partition, label_partition, sample_indices
 from fedlora.data.samples import DOLLY_SAMPLE
 from fedlora.data.tokenization import PROMPT_FORMATS, PromptFormat, resolve_prompt_format, tokenize_dataset
@@ -29,6 +35,20 @@ Partition = Literal["dirichlet", "label", "iid", "files"]
 
 
 DOLLY_SAMPLE_ALIAS = "dolly-sample"  # a path naming the packaged Dolly sample (fedlora.data.samples.DOLLY_SAMPLE)
+
+
+def data_path_kind(path: str | Path) -> str:
+    """What a ``data.path`` entry names, checked without reading it: the packaged Dolly sample, a local file or
+    directory, or a hub dataset id (not checked: that needs the network); a ``FileNotFoundError`` for a local path
+    that does not exist."""
+    if str(path) == DOLLY_SAMPLE_ALIAS:
+        return "the packaged Dolly sample"
+    local = Path(path)
+    if local.exists():
+        return "local directory" if local.is_dir() else "local file"
+    if may_be_hub_id(path):
+        return "hub dataset id, not checked"
+    raise FileNotFoundError(f"data.path {str(path)!r} does not exist (and it is not a hub dataset id)")
 
 
 @dataclass(frozen=True)

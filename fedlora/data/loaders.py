@@ -84,7 +84,7 @@ def load_natural_instructions(paths: str | Path | Sequence[str | Path]) -> list[
     """
     if isinstance(paths, str | Path):
         path = Path(paths)
-        local = path.exists() or path.suffix == ".json" or not _may_be_hub_id(paths)
+        local = path.exists() or path.suffix == ".json" or not may_be_hub_id(paths)
         if _is_saved_dataset(path) or not local:
             return _natural_instructions_dataset(_read(paths), str(paths))
     tasks = _natural_instruction_tasks(paths)
@@ -384,7 +384,7 @@ def _is_saved_dataset(path: Path) -> bool:
     return path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file())
 
 
-def _may_be_hub_id(path: str | Path) -> bool:
+def may_be_hub_id(path: str | Path) -> bool:
     """Whether ``path`` could name a hub dataset (``name`` or ``org/name``) rather than a local path."""
     text = str(path)
     return not (Path(text).is_absolute() or text.startswith((".", "~")) or text.count("/") > 1 or not text)

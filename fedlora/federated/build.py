@@ -24,7 +24,7 @@ from transformers import PreTrainedTokenizerBase
 from fedlora.federated.client import FederatedClient
 from fedlora.federated.config import RunConfig
 from fedlora.federated.strategy import STRATEGIES
-from fedlora.models import load_model_and_tokenizer
+from fedlora.models import load_model_and_tokenizer, portable_model_name
 
 ADAPTER_FIELDS = ("peft_type", "r", "lora_alpha", "target_modules", "tensor_roles")  # a saved adapter must match
 
@@ -83,7 +83,8 @@ def seed_everything(seed: int) -> None:
 def check_adapter_dir(adapter_dir: Path, expected: PeftConfig, model: nn.Module) -> None:
     """Raise a ``ValueError`` naming the first of ``ADAPTER_FIELDS`` in which the adapter saved in ``adapter_dir``
     differs from ``expected`` (this run's), with both values; also its base model, as PEFT records it
-    (``model.name_or_path``; an absolute local path by its last part, so a moved run directory still loads)."""
+    (``model.name_or_path`` as :func:`~fedlora.models.portable_model_name` names it; an absolute local path by its
+    last part, so a moved run directory still loads)."""
     config_file = Path(adapter_dir) / "adapter_config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{adapter_dir} is not a saved adapter (no adapter_config.json)")
@@ -101,12 +102,13 @@ def check_adapter_dir(adapter_dir: Path, expected: PeftConfig, model: nn.Module)
 
 
 def _comparable(name: str, value: Any) -> Any:
-    """A saved or expected adapter setting in one form: module names sorted, enums as their value, a local model
-    path as its last part."""
+    """A saved or expected adapter setting in one form: module names sorted, enums as their value, a base model by
+    its portable name, and a local model path by its last part."""
     if isinstance(value, set | list | tuple):
         return sorted(value)
     if isinstance(value, Enum):
         return value.value
-    if name == "base_model_name_or_path" and value is not None and Path(value).is_absolute():
-        return Path(value).name
+    if name == "base_model_name_or_path" and value is not None:
+        value = portable_model_name(value)
+        return Path(value).name if Path(value).is_absolute() else value
     return value

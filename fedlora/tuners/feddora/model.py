@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
+import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from peft.utils.other import get_pattern_key
@@ -15,7 +17,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from fedlora.tuners.feddora.config import FedDoRAConfig
-from fedlora.tuners.feddora.layer import FedDoRALayer, dispatch_default
+from fedlora.tuners.feddora.layer import FedDoRALayer, MagnitudeDirection, dispatch_default
+from fedlora_kernels import column_norm, effective_factors
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +67,46 @@ class FedDoRAModel(BaseTuner):
         ``low_cpu_mem_usage`` load; PEFT LoRA overrides it too. ``update_layer`` already put the adapter there."""
         setattr(parent, child_name, new_module)
 
+    def add_weighted_adapter(
+        self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str, combination_type: str = "cat"
+    ) -> None:
+        """Add adapter ``adapter_name`` whose update is, in every layer, exactly Σᵢ weights[i]·ΔWᵢ of ``adapters``.
+
+        Only ``combination_type="cat"`` (PEFT LoRA's exact type): the ranks are concatenated, so the new rank is
+        their sum (each adapter's largest ``rank_pattern`` rank; a layer where an adapter is smaller or absent keeps
+        zeros in its place). A stacks wᵢ·sᵢ·Aᵢ, B places the Bᵢ side by side, and the new scaling is 1
+        (``lora_alpha = r``, no rsLoRA), so s·B·A = Σᵢ wᵢ·sᵢ·Bᵢ·Aᵢ. Each factor is stored as its own direction with its
+        column norms as magnitude, which gives back exactly that factor. Other types raise ``NotImplementedError``.
+        """
+        if combination_type != "cat":
+            raise NotImplementedError(
+                f"FedDoRA's add_weighted_adapter supports combination_type='cat' only, not {combination_type!r}"
+            )
+        unknown = [adapter for adapter in adapters if adapter not in self.peft_config]
+        if unknown or not adapters:
+            raise ValueError(
+                f"no adapters {list(unknown or adapters)} to combine; the model has {list(self.peft_config)}"
+            )
+        if len(weights) != len(adapters):
+            raise ValueError(f"{len(adapters)} adapters but {len(weights)} weights")
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} already exists")
+        configs = [self.peft_config[adapter] for adapter in adapters]
+        ranks = [max([config.r, *config.rank_pattern.values()]) for config in configs]
+        self.peft_config[adapter_name] = replace(
+            configs[0],
+            r=sum(ranks),
+            lora_alpha=sum(ranks),
+            use_rslora=False,
+            target_modules=_combined_targets([config.target_modules for config in configs]),
+            rank_pattern={},
+            alpha_pattern={},
+        )
+        self.inject_adapter(self.model, adapter_name)
+        for layer in self.model.modules():
+            if isinstance(layer, FedDoRALayer) and adapter_name in layer.feddora_A:
+                _concatenate(layer, adapters, weights, ranks, adapter_name)
+
     @staticmethod
     def _create_new_module(
         config: FedDoRAConfig, adapter_name: str, target: nn.Module, current_key: str, **kwargs: Any
@@ -94,6 +137,42 @@ def _dispatchers() -> list[Callable[..., nn.Module | None]]:
     from fedlora.tuners.feddora.bnb import dispatch_bnb
 
     return [dispatch_bnb, dispatch_default]
+
+
+def _concatenate(
+    layer: FedDoRALayer, adapters: Sequence[str], weights: Sequence[float], ranks: Sequence[int], target: str
+) -> None:
+    """Set ``layer``'s adapter ``target`` to the rank concatenation of ``adapters`` (see ``add_weighted_adapter``)."""
+    new_a, new_b = layer.feddora_A[target], layer.feddora_B[target]
+    a_cat = torch.zeros(new_a.direction.shape, dtype=torch.float32, device=new_a.direction.device)
+    b_cat = torch.zeros(new_b.direction.shape, dtype=torch.float32, device=new_b.direction.device)
+    offset = 0
+    for adapter, weight, rank in zip(adapters, weights, ranks, strict=True):
+        if adapter in layer.feddora_A:
+            factors = (*layer.feddora_A[adapter].tensors(), *layer.feddora_B[adapter].tensors())
+            a, b = (factor.float() for factor in effective_factors(*factors))
+            r = layer.r[adapter]
+            a_cat[offset : offset + r] = weight * layer.scaling[adapter] * a
+            b_cat[:, offset : offset + r] = b
+        offset += rank
+    _set_factor(new_a, a_cat)
+    _set_factor(new_b, b_cat)
+
+
+def _set_factor(factor: MagnitudeDirection, value: torch.Tensor) -> None:
+    """Store ``value`` as ``factor``: direction ``value``, magnitude its column norms (so the factor is ``value``)."""
+    with torch.no_grad():
+        factor.direction.copy_(value)
+        factor.magnitude.copy_(column_norm(factor.direction.to(factor.magnitude.dtype)))
+
+
+def _combined_targets(targets: Sequence[set[str] | str | None]) -> set[str] | str:
+    """The target modules of every adapter combined: module-name sets joined, regexes alternated."""
+    if all(isinstance(target, set) for target in targets):
+        return set().union(*targets)
+    if all(isinstance(target, str) for target in targets):
+        return "|".join(f"({target})" for target in targets)
+    raise ValueError(f"cannot combine adapters whose target_modules mix module-name sets and regexes: {list(targets)}")
 
 
 def _report_rank(layer: FedDoRALayer, adapter_name: str, key: str) -> None:
