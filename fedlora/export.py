@@ -106,7 +106,7 @@ def export_models(
             if merge:
                 copy.deepcopy(peft_model).merge_and_unload().save_pretrained(tmp, safe_serialization=True)
             else:
-                peft_model.save_pretrained(tmp)
+                peft_model.save_pretrained(tmp, save_embedding_layers=False)
             tokenizer.save_pretrained(tmp)
     return dict(targets)
 

@@ -15,6 +15,7 @@ import yaml
 
 from fedlora.cli import main
 from fedlora.federated.config import ClientSettings, RunConfig, config_leaves, load_config
+from fedlora.federated.report import GLOBAL_MODEL
 from fedlora.keys import KEY_HELP, TRAIN_FLAGS
 from tests.tiny import save_tiny_model
 
@@ -63,7 +64,11 @@ def test_train_then_eval_a_local_model(tmp_path, capsys):
     assert json.loads((out / "checkpoint/state.json").read_text())["round"] == 2
     assert main(["eval", "--run-dir", str(out), "--no-progress", "--set", "eval.rouge_examples=0"]) == 0
     rows = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
-    assert {r["client"] for r in rows if "client" in r} == {"client_0", "client_1"}
+    assert {(r["split"], r["client"]) for r in rows if "client" in r} == {
+        ("global", GLOBAL_MODEL),
+        ("local", "client_0"),
+        ("local", "client_1"),
+    }
     assert all(r["round"] == 2 and "rougeL" not in r for r in rows)
     assert Path(out / "global_adapter/adapter_config.json").is_file()
 
@@ -159,7 +164,7 @@ def test_config_keys_lists_every_setting_with_type_default_and_help(capsys):
     assert rows["client.local_lr"][:2] == ["float", str(ClientSettings.local_lr)]
     assert rows["server.optimizer"][:2] == ["fedavg|fedavgm|fedadam|fedyogi", "fedavg"]
     assert rows["data.seed"][:2] == ["int|none", "none"]
-    assert "fedlora-opt, fedit" in rows["strategy"][2]
+    assert "fedlora-opt, fedlora-opt-shared-magnitudes, fedit" in rows["strategy"][2]
 
 
 def test_train_flags_and_eval_example_name_real_keys(capsys):

@@ -172,7 +172,7 @@ def publish_adapter(client: FederatedClient, shared: Mapping[str, Tensor], run: 
     values."""
     client.load_model(shared)
     with atomic_dir(run.inside(run.global_adapter)) as tmp:
-        client.model.save_pretrained(tmp)
+        client.model.save_pretrained(tmp, save_embedding_layers=False)  # no hub lookup: adapters only
 
 
 def run_bytes(client: FederatedClient, clients: int, rounds: int) -> int:
