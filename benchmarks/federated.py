@@ -14,6 +14,8 @@ all variants share the preset, the data, the partition, the client splits and th
   magnitudes first, then the directions under them);
 * ``fedlora-opt-shared-magnitudes``: as ``fedlora-opt``, but the magnitudes are also averaged (outside the paper's
   rule that only directions travel) and refined locally after the global stage;
+* ``fedlora-opt/5-global-1-local``: the same pipeline with 5 of the CPU preset's 6 steps a round on the global
+  model and 1 on the client's magnitudes (the default splits them 3 + 3);
 * ``fedlora-opt/personal-B-magnitude``: only B's magnitudes personal, A's frozen at their common values
   (``adapter.tensor_roles={"A.magnitude": "frozen"}``);
 * ``fedlora-opt/shared-A-direction``: ``adapter.tensor_roles={"B.direction": "personal"}``, only the A directions
@@ -168,6 +170,7 @@ STRATEGY_NAMES = (
 )
 VARIANTS = [Variant(name, name) for name in STRATEGY_NAMES] + [
     Variant("fedlora-opt/local-first", "fedlora-opt", {"client.order": "local-first"}),
+    Variant("fedlora-opt/5-global-1-local", "fedlora-opt", {"client.global_steps": 5, "client.local_steps": 1}),
     Variant("fedlora-opt/personal-B-magnitude", "fedlora-opt", {"adapter.tensor_roles": {"A.magnitude": "frozen"}}),
     Variant("fedlora-opt/shared-A-direction", "fedlora-opt", {"adapter.tensor_roles": {"B.direction": "personal"}}),
     Variant("fedlora-opt/joint", "fedlora-opt", {"client.order": "joint"}),
