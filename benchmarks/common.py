@@ -67,14 +67,16 @@ def provenance(module: str, argv: Sequence[str], device: torch.device | None = N
 
 
 def git_commit() -> str:
-    """The repository's HEAD commit, with ``-dirty`` when tracked files differ from it (``unknown`` outside git)."""
+    """The repository's HEAD commit, with ``-dirty`` when tracked files other than results (``benchmarks/results/``)
+    differ from it (``unknown`` outside git)."""
 
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
 
     try:
         commit = git("rev-parse", "HEAD")
-        return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results")
+        return commit + ("-dirty" if changed else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
