@@ -6,16 +6,20 @@ Every run fine-tunes SmolLM2-135M-Instruct (r=8, alpha=16 on the attention and M
 Dolly-15k training rows in the Alpaca prompt format with AdamW at a constant learning rate (gradients clipped to norm 1, the federated
 engine's default) and scores the response-token loss of a fixed held-out set after the steps in ``eval_steps``
 (step 0 is the untrained model). A run is one (method, lr, seed); the seed sets the adapter initialisation and the
-order of the training rows, the held-out rows are the same for all runs. Methods:
+order of the training rows, the held-out rows are the same for all runs. The held-out rows are two disjoint sets:
+a **validation** set, on which each method's learning rate is chosen, and a **test** set, whose loss is reported, so
+selection and report never share rows. Methods:
 
 * ``peft-lora``, ``peft-dora``: PEFT's LoRA and DoRA (B = 0 at the start);
-* ``feddora``: FedDoRA with its defaults (``init_weights=True``: m_A = 0, B = V_B, both directions drawn as LoRA's A);
+* ``feddora``: FedDoRA with its defaults (``init_weights=True``: the paired start, every tensor non-zero, B A = 0);
+* ``feddora/zero_A``: FedDoRA's previous default start, m_A = 0 and B = V_B (both directions drawn as LoRA's A);
 * ``feddora/zero_B``: FedDoRA's initialisation before this benchmark, m_B = 0 and A = V_A. Only the r entries of m_B
   get a gradient at the first step, and a column of B has norm m_B[j], which grows by about lr per Adam step, whereas
   a LoRA B column grows by about lr·√d_out.
 
-Each method is compared at its own best learning rate of ``--lrs`` (the lowest mean held-out loss over seeds at
-each reported step). Results go to ``<results-dir>/learning-<preset>-<UTC date>.{jsonl,md,png}``; runs already in
+Each method is compared at its own best learning rate of ``--lrs`` (the lowest mean validation loss over seeds at
+each reported step); the table marks a best lr at an edge of the method's grid (no worse neighbour on that side:
+the optimum is not bracketed). Results go to ``<results-dir>/learning-<preset>-<UTC date>.{jsonl,md,png}``; runs already in
 the jsonl are not run again, so an interrupted benchmark continues where it stopped, and ``--methods NAME@LR`` runs
 one lr of a method (a sweep on ``--seeds 1`` followed by ``--seeds 3`` at the best lrs is what the README's table
 did). Presets: ``cpu`` (64-token sequences, batch 2, 200 steps, 32 held-out rows, 3 seeds, 10 lrs in all: 30 runs, each
@@ -38,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from matplotlib.figure import Figure
 from peft import LoraConfig, PeftConfig, get_peft_model
@@ -47,6 +52,9 @@ from torch.utils.data import DataLoader, RandomSampler
 from benchmarks.common import (
     RESULTS_DIR,
     add_data_argument,
+    check_one_commit,
+    config_hash,
+    git_commit,
     markdown_table,
     provenance,
     read_jsonl,
@@ -60,7 +68,7 @@ from fedlora.models import load_model_and_tokenizer
 from fedlora.tuners.feddora import FedDoRAConfig
 
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-HELD_OUT_SEED = 1234  # the held-out rows do not depend on a run's seed
+HELD_OUT_SEED = 1234  # the held-out rows (validation and test) do not depend on a run's seed
 
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {
@@ -106,9 +114,10 @@ def _feddora(**kwargs: Any) -> Callable[[], PeftConfig]:
 METHODS = {
     method.name: method
     for method in (
-        Method("peft-lora", _lora(), (1e-3, 2e-3, 3e-3)),
+        Method("peft-lora", _lora(), (5e-4, 1e-3, 2e-3, 3e-3)),
         Method("peft-dora", _lora(use_dora=True), (1e-3, 3e-3)),
-        Method("feddora", _feddora(), (1e-3, 2e-3, 3e-3)),
+        Method("feddora", _feddora(), (1e-3, 2e-3, 3e-3, 6e-3)),
+        Method("feddora/zero_A", _feddora(init_weights="zero_A"), (1e-3, 2e-3, 3e-3)),
         Method("feddora/zero_B", _feddora(init_weights="zero_B"), (3e-3, 1e-2)),
     )
 }
@@ -136,14 +145,18 @@ def _init_worker(args: argparse.Namespace, settings: dict[str, Any]) -> None:
     if settings["max_prompt_chars"]:
         limit = settings["max_prompt_chars"]
         rows = rows.filter(lambda row: len(row["instruction"]) + len(row["context"]) <= limit)
-    held = set(sample_indices(len(rows), settings["held_out"], HELD_OUT_SEED))
-    held_out = rows.select(sorted(held))
-    train = rows.select([i for i in range(len(rows)) if i not in held])
+    held = sample_indices(len(rows), 2 * settings["held_out"], HELD_OUT_SEED)
+    held = [int(i) for i in np.random.default_rng(HELD_OUT_SEED).permutation(held)]  # validation, then test: disjoint
+    split = {"validation": sorted(held[: settings["held_out"]]), "held_out": sorted(held[settings["held_out"] :])}
+    train = rows.select(sorted(set(range(len(rows))) - set(held)))
+    tokenized = {name: rows.select(indices) for name, indices in split.items()} | {"train": train}
     _WORKER.update(
+        {
+            name: tokenize_dataset(dataset, tokenizer, settings["max_length"], settings["prompt_format"])
+            for name, dataset in tokenized.items()
+        },
         model=model.requires_grad_(False),
         tokenizer=tokenizer,
-        held_out=tokenize_dataset(held_out, tokenizer, settings["max_length"], settings["prompt_format"]),
-        train=tokenize_dataset(train, tokenizer, settings["max_length"], settings["prompt_format"]),
         settings=settings,
     )
 
@@ -164,10 +177,11 @@ def run_job(job: Job) -> dict[str, Any]:
         collate_fn=CausalLMCollator(pad),
     )
     device = settings["device"]
-    curve, train_losses, batches = {}, [], iter(loader)
+    curve, val_curve, train_losses, batches = {}, {}, [], iter(loader)
     for step in range(max(settings["eval_steps"]) + 1):
         if step in settings["eval_steps"]:
             curve[step] = evaluate_loss(model, _WORKER["held_out"], pad, batch_size=8)["loss"]
+            val_curve[step] = evaluate_loss(model, _WORKER["validation"], pad, batch_size=8)["loss"]
             model.train()
         if step == max(settings["eval_steps"]):
             break
@@ -183,35 +197,48 @@ def run_job(job: Job) -> dict[str, Any]:
         "lr": job.lr,
         "seed": job.seed,
         "curve": {str(step): loss for step, loss in curve.items()},
+        "val_curve": {str(step): loss for step, loss in val_curve.items()},
         "final_train_loss": statistics.fmean(train_losses[-10:]),
         "wall_s": round(time.perf_counter() - started, 1),
     }
 
 
-def summarize(rows: Sequence[dict[str, Any]], steps: Sequence[int]) -> dict[str, dict[int, dict[str, float]]]:
-    """For every method and step, the lr with the lowest mean held-out loss over seeds, with mean, std and n (among
-    the lrs run on the most seeds)."""
+def summarize(rows: Sequence[dict[str, Any]], steps: Sequence[int]) -> dict[str, dict[int, dict[str, Any]]]:
+    """For every method and step, the lr with the lowest mean **validation** loss over seeds (among the lrs run on
+    the most seeds), with the mean, std and n of its **test** (held-out) loss, and ``bracketed``: whether a worse lr
+    of the grid lies on each side of it."""
     by_method: dict[str, dict[float, list[dict[str, Any]]]] = {}
     for row in rows:
         by_method.setdefault(row["method"], {}).setdefault(row["lr"], []).append(row)
-    summary: dict[str, dict[int, dict[str, float]]] = {}
+    summary: dict[str, dict[int, dict[str, Any]]] = {}
     for method, by_lr in by_method.items():
         summary[method] = {}
         seeds = max(len(runs) for runs in by_lr.values())  # lrs tried on fewer seeds (a first sweep) do not compete
         for step in steps:
-            stats = []
-            for lr, runs in by_lr.items():
-                if len(runs) == seeds and all(str(step) in run["curve"] for run in runs):
-                    mean, std = _mean_std(runs, step)
-                    stats.append({"lr": lr, "mean": mean, "std": std, "n": len(runs)})
-            if stats:
-                summary[method][step] = min(stats, key=lambda s: s["mean"])
+            grid = {
+                lr: _mean_std(runs, step, "val_curve")[0]
+                for lr, runs in sorted(by_lr.items())
+                if len(runs) == seeds and all(str(step) in run.get("val_curve", {}) for run in runs)
+            }
+            if not grid:
+                continue
+            best = min(grid, key=grid.get)
+            lower, higher = [lr for lr in grid if lr < best], [lr for lr in grid if lr > best]
+            mean, std = _mean_std(by_lr[best], step)
+            summary[method][step] = {
+                "lr": best,
+                "mean": mean,
+                "std": std,
+                "n": len(by_lr[best]),
+                "bracketed": bool(lower and higher and grid[max(lower)] > grid[best] < grid[min(higher)]),
+            }
     return summary
 
 
-def _mean_std(runs: Sequence[dict[str, Any]], step: int) -> tuple[float, float]:
-    """Mean and standard deviation over ``runs`` (seeds) of the held-out loss after ``step`` steps."""
-    losses = [run["curve"][str(step)] for run in runs if str(step) in run["curve"]]
+def _mean_std(runs: Sequence[dict[str, Any]], step: int, curve: str = "curve") -> tuple[float, float]:
+    """Mean and standard deviation over ``runs`` (seeds) of the test (``curve``) or validation (``val_curve``) loss
+    after ``step`` steps."""
+    losses = [run[curve][str(step)] for run in runs if str(step) in run[curve]]
     return statistics.fmean(losses), statistics.stdev(losses) if len(losses) > 1 else 0.0
 
 
@@ -224,7 +251,11 @@ def write_report(rows: Sequence[dict[str, Any]], steps: Sequence[int], path: Pat
         (
             [
                 method,
-                *(f"{per_step[s]['mean']:.4f} ± {per_step[s]['std']:.4f} (lr {per_step[s]['lr']:g})" for s in steps),
+                *(
+                    f"{per_step[s]['mean']:.4f} ± {per_step[s]['std']:.4f} (lr {per_step[s]['lr']:g}"
+                    f"{'' if per_step[s]['bracketed'] else ', at the grid edge'})"
+                    for s in steps
+                ),
             ]
             for method, per_step in summary.items()
         ),
@@ -240,8 +271,9 @@ def write_report(rows: Sequence[dict[str, Any]], steps: Sequence[int], path: Pat
         ),
     )
     path.with_suffix(".md").write_text(
-        f"{header}\n\n{best}\nEach cell: mean ± std over seeds of the held-out loss at the lr that is best at that "
-        f"step.\n\nEvery learning rate, mean ± std over seeds:\n\n{every}"
+        f"{header}\n\n{best}\nEach cell: mean ± std over seeds of the test loss at the lr whose validation loss is "
+        f'best at that step ("at the grid edge": no worse lr on one side, so the optimum is not bracketed).\n\n'
+        f"Every learning rate, test loss, mean ± std over seeds:\n\n{every}"
     )
 
     figure = Figure(figsize=(7, 4.5))
@@ -294,7 +326,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     seeds = args.seeds or settings["seeds"]
     stem = args.name or f"learning-{args.preset}-{today()}"
     path = args.results_dir / f"{stem}.jsonl"
-    done = {(row["method"], row["lr"], row["seed"]) for row in read_jsonl(path)}
+    commit, settings_hash = git_commit(), config_hash({"settings": settings, "model": args.model})
+    done = {  # a row counts as done only when the same code ran the same settings
+        (row["method"], row["lr"], row["seed"])
+        for row in read_jsonl(path)
+        if row.get("commit") == commit and row.get("config_hash") == settings_hash
+    }
     runs = [
         (name, [float(lr)] if lr else (args.lrs or METHODS[name].lrs))
         for name, _, lr in (method.partition("@") for method in args.methods)
@@ -302,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     jobs = [
         Job(name, lr, seed) for seed in range(seeds) for name, lrs in runs for lr in lrs if (name, lr, seed) not in done
     ]
-    context = {"preset": args.preset, "settings": settings, "model": args.model}
+    context = {"preset": args.preset, "settings": settings, "model": args.model, "config_hash": settings_hash}
     context |= provenance(
         "benchmarks.learning", argv if argv is not None else sys.argv[1:], torch.device(settings["device"])
     )
@@ -316,10 +353,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             curve = " ".join(f"{s}:{v:.3f}" for s, v in row["curve"].items())
             print(f"{row['method']} lr={row['lr']:g} seed={row['seed']} {row['wall_s']}s  {curve}", flush=True)
     rows = [row for row in read_jsonl(path) if row["settings"]["eval_steps"] == settings["eval_steps"]]
+    check_one_commit(rows, str(path))
     header = (
         f"# Learning benchmark, preset {args.preset}: {args.model}, r=8, alpha=16 on {', '.join(TARGET_MODULES)}, "
-        f"AdamW, batch {settings['batch_size']}, {settings['max_length']} tokens, held-out loss on "
-        f"{settings['held_out']} Dolly rows; {context['device']}, {context['cores']} cores, "
+        f"AdamW, batch {settings['batch_size']}, {settings['max_length']} tokens, test loss on "
+        f"{settings['held_out']} held-out Dolly rows, lrs chosen on {settings['held_out']} other (validation) rows; {context['device']}, {context['cores']} cores, "
         f"torch {context['torch_version']}"
     )
     write_report(rows, settings["eval_steps"], path, header)
