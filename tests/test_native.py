@@ -155,9 +155,14 @@ def test_feddora_lora_native_matches_reference(dtype, lead, k, r, d, base):
 def test_dropout_matches_reference_on_the_kept_inputs(dtype):
     """With dropout, x's gradient is zero exactly where x was dropped: that recovers the mask, and everything must then
     equal the reference (dropout off) on x̃ = x ⊙ mask / (1 − p), with dL/dx = mask / (1 − p) ⊙ dL/dx̃."""
+    check_dropout_on_the_kept_inputs(dtype, torch.device("cpu"))
+
+
+def check_dropout_on_the_kept_inputs(dtype: torch.dtype, device: torch.device) -> None:
+    """The dropout check of :func:`test_dropout_matches_reference_on_the_kept_inputs` on ``device``."""
     p = 0.3
-    inputs = lora_inputs((4, 6), 40, 4, 24, dtype, "same")
-    grad_out = torch.randn(4, 6, 24, generator=torch.Generator().manual_seed(2))
+    inputs = {name: t.to(device) for name, t in lora_inputs((4, 6), 40, 4, 24, dtype, "same").items()}
+    grad_out = torch.randn(4, 6, 24, generator=torch.Generator().manual_seed(2)).to(device)
     torch.manual_seed(3)
     impl = value_and_grads(native.feddora_lora_native, inputs, grad_out, scaling=0.5, dropout_p=p)
     keep = impl["grad x"] != 0

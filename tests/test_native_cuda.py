@@ -21,7 +21,13 @@ import torch
 from fedlora_kernels import native
 from fedlora_kernels.reference import NORM_EPS, column_norm, feddora_lora_reference
 from tests.numerics import assert_within_reference_error
-from tests.test_native import lora_inputs, random_inputs, reference_factor, value_and_grads
+from tests.test_native import (
+    check_dropout_on_the_kept_inputs,
+    lora_inputs,
+    random_inputs,
+    reference_factor,
+    value_and_grads,
+)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device is visible")
 
@@ -138,23 +144,7 @@ def test_cuda_feddora_lora_native_matches_reference(dtype, lead, k, r, d, base):
 def test_cuda_dropout_matches_reference_on_the_kept_inputs(dtype):
     """As tests/test_native.py's dropout test: x's zero gradient recovers the mask; everything then equals the
     reference (dropout off) on x̃ = x ⊙ mask / (1 − p), with dL/dx = mask / (1 − p) ⊙ dL/dx̃."""
-    p = 0.3
-    inputs = on_cuda(lora_inputs((4, 6), 40, 4, 24, dtype, "same"))
-    grad_out = torch.randn(4, 6, 24, generator=torch.Generator().manual_seed(2)).to(CUDA)
-    torch.manual_seed(3)
-    impl = value_and_grads(native.feddora_lora_native, inputs, grad_out, scaling=0.5, dropout_p=p)
-    keep = impl["grad x"] != 0
-    assert abs(keep.double().mean().item() - (1 - p)) < 0.1
-
-    kept = {**inputs, "x": inputs["x"] * keep * (1 / (1 - p))}
-    same_dtype = value_and_grads(feddora_lora_reference, kept, grad_out, scaling=0.5)
-    ref64 = value_and_grads(
-        feddora_lora_reference, {name: t.double() for name, t in kept.items()}, grad_out.double(), scaling=0.5
-    )
-    for grads in (same_dtype, ref64):
-        grads["grad x"] = grads["grad x"] * keep / (1 - p)
-    for name, value in impl.items():
-        assert_within_reference_error(value, same_dtype[name], ref64[name], name)
+    check_dropout_on_the_kept_inputs(dtype, CUDA)
 
 
 def test_cuda_feddora_lora_native_gradcheck_float64():
