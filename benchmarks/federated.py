@@ -395,10 +395,12 @@ def summary_table(rows: Sequence[Mapping[str, Any]]) -> str:
     return markdown_table(header, body)
 
 
-def paired_table(rows: Sequence[Mapping[str, Any]], subject: str = "fedlora-opt") -> str:
-    """``subject`` minus every other variant on the same seeds: final global and local loss (and ROUGE-L),
+def paired_table(rows: Sequence[Mapping[str, Any]], subject: str | None = None) -> str:
+    """``subject`` (default: the first ``fedlora-opt`` variant of ``rows``) minus every other variant on the same
+    seeds: final global and local loss (and ROUGE-L),
     per seed and as mean ± std over seeds, with how many seeds ``subject`` is better (lower loss, higher ROUGE-L)."""
     grouped = by_variant(rows)
+    subject = subject or next((v for v in grouped if v.startswith("fedlora-opt")), None)
     if subject not in grouped:
         return ""
     metrics = evaluated_metrics(rows)
