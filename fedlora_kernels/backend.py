@@ -33,7 +33,8 @@ from .reference import feddora_lora_reference
 BACKENDS = ("triton", "native", "torch")
 BACKEND_ENV = "FEDLORA_BACKEND"
 TRITON_MIN_TOKENS = 128
-"""Token count (rows of x) from which Triton goes first on CUDA; benchmarks/gpu_check.py measures the crossover."""
+"""Token count (rows of x) from which Triton goes first on CUDA. Not measured: a guess until benchmarks/gpu_check.py's
+crossover step runs on a GPU (none has yet)."""
 
 FedDoRALoRA = Callable[..., torch.Tensor]
 
