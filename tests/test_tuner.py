@@ -68,6 +68,25 @@ def test_paired_init_equals_base_model_with_every_tensor_nonzero(model_fn, init_
         assert torch.linalg.matrix_rank(a.direction) >= r // 2  # the groups are independent draws
 
 
+@pytest.mark.parametrize("init_weights", [True, "zero_A"])
+def test_directions_start_as_loras_a(init_weights):
+    """V_A and V_B are drawn as LoRA's A, uniform on ±1/√k (k = in_features), whatever the output width: their
+    entries stay inside the bound and have its variance 1/(3k); V_B's columns of a paired start are equal in pairs."""
+    k, d, r = 256, 384, 8
+    torch.manual_seed(0)
+    peft_model = get_peft_model(
+        nn.Sequential(nn.Linear(k, d)), FedDoRAConfig(r=r, target_modules=["0"], init_weights=init_weights)
+    )
+    layer = peft_model.base_model.model[0]
+    va, vb = layer.feddora_A["default"].direction, layer.feddora_B["default"].direction
+    for v in (va, vb[:, ::2] if init_weights is True else vb):  # the independent draws
+        assert v.abs().max() <= 1 / k**0.5
+        assert v.var().item() == pytest.approx(1 / (3 * k), rel=0.1)
+    if init_weights is True:
+        torch.testing.assert_close(vb[:, ::2], vb[:, 1::2], rtol=0, atol=0)
+        torch.testing.assert_close(va[::2], -va[1::2], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("init_weights", ["gaussian", "zero_A", "zero_B"])
 @pytest.mark.parametrize("model_fn", [tiny_llama, tiny_gpt2])
 def test_zero_init_equals_base_model_exactly(model_fn, init_weights, device):
