@@ -315,7 +315,7 @@ def test_fuzzed_labels_run_resume_and_evaluate(model_dir, labels):
         assert code == 0, err
         assert snapshot(sandbox, skip=out) == before
         scored = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
-        assert {row["client"] for row in scored if "client" in row} == set(labels)
+        assert {row["client"] for row in scored if row["split"] == "local" and "client" in row} == set(labels)
         names = json.loads((out / "client_names.json").read_text())
         assert sorted(names.values()) == sorted(labels)
         assert sorted(os.listdir(out / "clients")) == sorted(names)

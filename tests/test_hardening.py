@@ -128,7 +128,7 @@ def test_labels_that_look_like_paths_stay_inside_the_run_directory(model_dir, sa
     assert main(["eval", "--run-dir", str(out), "--no-progress"]) == 0
     assert snapshot(sandbox, skip=out) == before  # nothing outside the run directory changed
     rows = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
-    assert {row["client"] for row in rows if "client" in row} == set(labels)  # reports show the labels
+    assert {row["client"] for row in rows if row["split"] == "local" and "client" in row} == set(labels)  # labels
     assert all(row["round"] == 2 for row in rows)
     names = json.loads((out / "client_names.json").read_text())
     assert sorted(names.values()) == sorted(labels)

@@ -141,7 +141,7 @@ def test_forward_starts_at_the_base_model(model, kwargs):
         base = build(model)(x)
         out = adapted(model, kwargs)(x)
     assert torch.isfinite(out).all()
-    assert torch.equal(out, base)
+    torch.testing.assert_close(out, base, rtol=0, atol=1e-6)  # the paired start: B A = 0 up to summation order
 
 
 @pytest.mark.parametrize("model,kwargs", CASES)

@@ -298,7 +298,7 @@ def test_cli_trains_messages_data_by_label_in_chat_format_and_resumes(tmp_path, 
     assert "differs from the saved run in ['data.prompt_format']" in capsys.readouterr().err
     assert main(["eval", "--run-dir", str(out), "--no-progress", "--set", "eval.rouge_examples=0"]) == 0
     rows = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
-    assert {r["client"] for r in rows if "client" in r} == {"c0", "c1"}
+    assert {r["client"] for r in rows if r["split"] == "local" and "client" in r} == {"c0", "c1"}
 
 
 def test_a_run_config_saved_before_prompt_formats_reads_as_alpaca(tmp_path):
