@@ -92,9 +92,9 @@ def eval_parser(commands: argparse._SubParsersAction) -> None:
     """``fedlora eval``."""
     evaluate = commands.add_parser(
         "eval",
-        help="re-evaluate a run's global adapter and client personal states",
-        description="Score every client's model (saved global adapter + its personal tensors) on its own test "
-        "split and on the global test set; writes <run-dir>/eval.jsonl.",
+        help="re-evaluate a run's global model and client models",
+        description="Score the global model (the saved global adapter) on the global test set and every client's "
+        "model (the global adapter with its personal tensors) on its own test split; writes <run-dir>/eval.jsonl.",
     )
     evaluate.add_argument("--run-dir", required=True, type=Path, help="the directory of a `fedlora train` run")
     evaluate.add_argument("--device", help="cpu or cuda")
