@@ -137,7 +137,8 @@ class FederatedClient:
         ) as bar:
             for stage in stages:
                 if stage.personal and not personalised:
-                    personalised = self._load_personal(state)
+                    self._load_personal(state)
+                    personalised = True
                 stage_optimizers = list({id(o): o for g in stage.trains if (o := optimizers[g]) is not None}.values())
                 losses = self._train(stage, stage_optimizers, batches, bar)
                 metrics[f"train_loss_{stage.name}"] = float(np.mean(losses))
@@ -171,9 +172,9 @@ class FederatedClient:
             for split, dataset in datasets.items()
         }
 
-    def _load_personal(self, state: ClientState) -> bool:
+    def _load_personal(self, state: ClientState) -> None:
+        """Load the client's own personal tensors (not its refined ones: those continue from the current values)."""
         self.load({name: state.personal[name] for name in self.names["personal"]})
-        return True
 
     def _stage_names(self, stage: Stage) -> list[str]:
         return [name for group in stage.trains for name in self.names[group]]

@@ -193,7 +193,8 @@ class FedLoRAOpt(FederatedStrategy):
 class FedLoRAOptSharedMagnitudes(FedLoRAOpt):
     """FedLoRA-Optimizer with the magnitudes also averaged (outside the paper's rule that only directions travel;
     it measures what that rule costs): the global stage trains all four tensors of the global model, the local
-    stage then refines the magnitudes, which the client keeps for its own model (refreshed every round)."""
+    stage then refines the magnitudes, which the client keeps for its own model (refreshed every round). Always
+    global-then-local: ``client.order`` does not apply."""
 
     name = "fedlora-opt-shared-magnitudes"
     roles = dict.fromkeys(PAPER_TENSOR_ROLES, "shared")
