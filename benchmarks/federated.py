@@ -46,6 +46,15 @@ tiny model). The CPU preset keeps only the Dolly rows whose instruction + contex
 (``--max-prompt-chars``; all 8 categories keep at least 300 rows), because long prompts dominate CPU evaluation
 time. On a shared CPU, ``--cpu-threads 1`` is several times faster than torch's default.
 
+``--tune-lr LR [LR ...]`` first chooses each variant's learning rate: the source data is split into two disjoint
+halves (:func:`split_halves`: alternate Dolly rows, alternate instances of every NI task), each variant runs the
+preset once per lr of the grid (the first seed; ``client.lr``, ``client.global_lr`` and ``client.local_lr`` all set
+to it) on the **tuning** half, and the lr with the lowest mean of its final global and local loss there is the one
+the reported seeds run at, on the other half, which no tuning run saw. A best lr at an edge of the grid extends
+the grid on that side by the grid's ratio there (up to ``--tune-extend`` times), so the chosen lr has a worse
+neighbour on each side or the table says it has not. Tuning rows carry ``"phase": "tune"`` and ``lr``; the
+``.md`` report adds a table of them.
+
 After each run, one row is appended to ``<results-dir>/federated-<preset>-<partition>-<UTC date>.jsonl`` and the
 markdown tables (``.md``: mean ± std over seeds per variant, then ``fedlora-opt`` minus every other variant paired
 by seed) and curves (``.png``) of all rows of that file are rewritten, so an interrupted run leaves a consistent
@@ -70,7 +79,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,6 +105,8 @@ from benchmarks.common import (
     today,
     write_jsonl,
 )
+from fedlora.data.federated import DOLLY_SAMPLE_ALIAS
+from fedlora.data.samples import DOLLY_SAMPLE
 from fedlora.federated import build_config, train
 from fedlora.federated.report import EVAL_SPLITS, METRICS
 from fedlora.federated.storage import RunDir
@@ -209,6 +220,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides on the preset")
     parser.add_argument("--cpu-threads", type=int, help="torch CPU threads (1 is fastest on a shared machine)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--tune-lr", type=float, nargs="+", metavar="LR", help="choose each variant's lr from this grid first"
+    )
+    parser.add_argument("--tune-extend", type=int, default=2, help="grid extensions allowed per edge (--tune-lr)")
     return parser.parse_args(argv)
 
 
@@ -242,6 +257,66 @@ def short_prompts(source: Path, limit: int, out: Path) -> Path:
 
 def _prompt_chars(row: Mapping[str, Any]) -> int:
     return len(row["instruction"]) + len(row.get("context") or "")
+
+
+def split_halves(data: Path, dataset: str, out: Path) -> tuple[Path, Path]:
+    """Two disjoint halves of the source ``data`` under ``out``: (tuning, reporting). Dolly: the even and odd rows
+    of the ``.jsonl``; NI: the even and odd ``Instances`` of every task file, the rest of each file kept."""
+    halves = out / "tune-data", out / "report-data"
+    if dataset == "ni":
+        for half in halves:
+            half.mkdir(parents=True, exist_ok=True)
+        for task in sorted(data.glob("*.json")):
+            content = json.loads(task.read_text())
+            for start, half in enumerate(halves):
+                part = {**content, "Instances": content["Instances"][1 - start :: 2]}
+                (half / task.name).write_text(json.dumps(part))
+        return halves
+    lines = data.read_text().splitlines()
+    paths = tuple(half.with_suffix(".jsonl") for half in halves)
+    for start, path in enumerate(paths):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join(lines[1 - start :: 2]) + "\n")
+    return paths
+
+
+def _data_file(data: Path) -> Path:
+    """``data`` with the packaged sample's alias resolved to its file."""
+    return DOLLY_SAMPLE if str(data) == DOLLY_SAMPLE_ALIAS else data
+
+
+def lr_overrides(lr: float) -> dict[str, float]:
+    """One learning rate for every optimizer a strategy may use."""
+    return {"client.lr": lr, "client.global_lr": lr, "client.local_lr": lr}
+
+
+def validation_score(row: Mapping[str, Any]) -> float:
+    """A tuning run's score: the mean of its final global and local loss (lower is better)."""
+    return (row["global"]["loss"] + row["local"]["loss"]) / 2
+
+
+def tune_lr(
+    variant: Variant,
+    grid: Sequence[float],
+    extend: int,
+    run: Callable[[float], dict[str, Any]],
+) -> tuple[float, list[dict[str, Any]]]:
+    """The lr of ``grid`` (extended at an edge that is best, by the grid's ratio there, at most ``extend`` times
+    per edge) whose tuning row (``run(lr)``) has the lowest :func:`validation_score`; returns it and every row."""
+    grid = sorted(grid)
+    rows = {lr: run(lr) for lr in grid}
+    extended = {"low": 0, "high": 0}
+    while True:
+        best = min(rows, key=lambda lr: validation_score(rows[lr]))
+        lrs = sorted(rows)
+        if best == lrs[0] and len(lrs) > 1 and extended["low"] < extend:
+            lr, extended["low"] = float(f"{lrs[0] ** 2 / lrs[1]:.3g}"), extended["low"] + 1
+        elif best == lrs[-1] and len(lrs) > 1 and extended["high"] < extend:
+            lr, extended["high"] = float(f"{lrs[-1] ** 2 / lrs[-2]:.3g}"), extended["high"] + 1
+        else:
+            return best, [rows[lr] for lr in sorted(rows)]
+        print(f"{variant.name}: best lr {best:g} at the grid edge; trying {lr:.3g}", flush=True)
+        rows[lr] = run(lr)
 
 
 def run_variant(variant: Variant, overrides: Mapping[str, Any], run_dir: Path, progress: bool) -> dict[str, Any]:
@@ -458,8 +533,41 @@ def write_reports(results: Path) -> None:
     rows = read_jsonl(results, key=lambda row: (row["variant"], row["seed"], row["config_hash"]))  # re-runs: the last
     check_one_commit(rows, str(results))
     heading = f"Commit `{rows[0]['commit']}` ({rows[0]['command']}).\n\n" if rows else ""
-    results.with_suffix(".md").write_text(heading + summary_table(rows) + "\n" + paired_table(rows))
-    plot_curves(rows, results.with_suffix(".png"))
+    tuning = [row for row in rows if row.get("phase") == "tune"]
+    rows = [row for row in rows if row.get("phase") != "tune"]
+    report = heading + (summary_table(rows) + "\n" + paired_table(rows) if rows else "")
+    results.with_suffix(".md").write_text(report + ("\n\n" + tuning_table(tuning) if tuning else ""))
+    if rows:
+        plot_curves(rows, results.with_suffix(".png"))
+
+
+def tuning_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Per variant and lr, the tuning half's final global and local loss and their mean (the validation score); the
+    chosen lr in bold, marked when no worse lr lies on one of its sides (the optimum is not bracketed)."""
+    grouped: dict[str, list[Mapping[str, Any]]] = {}
+    for row in rows:
+        grouped.setdefault(row["variant"], []).append(row)
+    body = []
+    for variant, runs in grouped.items():
+        scores = {row["lr"]: validation_score(row) for row in runs}
+        best, lrs = min(scores, key=scores.get), sorted(scores)
+        bracketed = lrs[0] < best < lrs[-1]
+        for row in sorted(runs, key=lambda row: row["lr"]):
+            mark = ("**chosen**" if bracketed else "**chosen, at the grid edge**") if row["lr"] == best else ""
+            body.append(
+                [
+                    variant,
+                    f"{row['lr']:g}",
+                    f"{row['global']['loss']:.4f}",
+                    f"{row['local']['loss']:.4f}",
+                    f"{scores[row['lr']]:.4f}",
+                    mark,
+                ]
+            )
+    header = ["variant", "lr", "global loss", "local loss", "mean (validation score)", ""]
+    return "Learning rates tuned on the tuning half of the data (seed {}):\n\n{}".format(
+        rows[0]["seed"], markdown_table(header, body)
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
@@ -483,15 +591,35 @@ def main(argv: Sequence[str] | None = None) -> Path:
         "dataset": args.dataset,
         "partition": "files" if args.dataset == "ni" else args.partition,
     }
+    chosen: dict[str, dict[str, float]] = {name: {} for name in args.strategies}  # variant -> its lr overrides
+    if args.tune_lr:
+        tune_data, args.data = split_halves(_data_file(args.data), args.dataset, out)
+        overrides = {**base_overrides(args, args.seeds[0]), "data.path": str(tune_data)}
+        for name in args.strategies:
+            variant = VARIANTS_BY_NAME[name]
+
+            def run(lr: float, variant: Variant = variant) -> dict[str, Any]:
+                run_dir = out / "tune" / variant.name.replace("/", "--") / f"lr{lr:g}"
+                timing = run_variant(variant, {**overrides, **lr_overrides(lr)}, run_dir, not args.no_progress)
+                row = result_row(variant, run_dir, timing, {**run_context, "seed": args.seeds[0]})
+                write_jsonl(results, [row | {"phase": "tune", "lr": lr}], append=True)
+                print(f"{variant.name} lr {lr:g}: validation score {validation_score(row):.4f}", flush=True)
+                return row
+
+            best, _ = tune_lr(variant, args.tune_lr, args.tune_extend, run)
+            chosen[name] = lr_overrides(best)
+            write_reports(results)
     for seed in args.seeds:
         overrides = base_overrides(args, seed)
         context = {**run_context, "seed": seed}
         for name in args.strategies:
             variant = VARIANTS_BY_NAME[name]
+            variant = Variant(variant.name, variant.strategy, {**variant.overrides, **chosen[name]})
             run_dir = out / name.replace("/", "--") / f"seed{seed}"
             print(f"[{time.strftime('%H:%M:%S')}] {name} seed {seed} → {run_dir}", flush=True)
             timing = run_variant(variant, overrides, run_dir, progress=not args.no_progress)
-            write_jsonl(results, [result_row(variant, run_dir, timing, context)], append=True)
+            row = result_row(variant, run_dir, timing, context)
+            write_jsonl(results, [row | {"phase": "report", "lr": chosen[name].get("client.lr")}], append=True)
             write_reports(results)
             print(f"[{time.strftime('%H:%M:%S')}] {name} seed {seed} done in {timing['wall_s']:.0f} s", flush=True)
     print(results.with_suffix(".md").read_text())

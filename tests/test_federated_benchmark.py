@@ -113,3 +113,64 @@ def test_tiny_benchmark_writes_rows_table_and_plot(tmp_path, restore_threads):
     other_start = {**rows[1], "curves": [{**rows[1]["curves"][0], "global_loss": 99.0}, *rows[1]["curves"][1:]]}
     with pytest.raises(ValueError, match="round-0 global_loss"):
         federated.paired_table([rows[0], other_start])
+
+
+def test_tune_lr_extends_an_edge_until_the_best_lr_is_bracketed():
+    """A best lr at an edge of the grid adds the next point on that side (by the grid's ratio there) until a worse
+    one is found, or the extensions run out."""
+    tried = []
+
+    def run(lr, optimum):
+        tried.append(lr)
+        loss = 2.0 + (math.log(lr) - math.log(optimum)) ** 2
+        return {"global": {"loss": loss}, "local": {"loss": loss}, "lr": lr}
+
+    variant = federated.VARIANTS_BY_NAME["fedit"]
+    best, rows = federated.tune_lr(variant, [1e-3, 2e-3], 2, lambda lr: run(lr, 4e-3))
+    assert best == 4e-3 and tried == [1e-3, 2e-3, 4e-3, 8e-3] and [row["lr"] for row in rows] == tried
+    tried.clear()
+    best, _ = federated.tune_lr(variant, [2e-3, 4e-3], 1, lambda lr: run(lr, 1e-4))  # the optimum lies beyond reach
+    assert best == 1e-3 and tried == [2e-3, 4e-3, 1e-3]
+    table = federated.tuning_table([row | {"variant": "fedit", "seed": 0} for row in rows])
+    assert "| fedit | 0.004 |" in table and "**chosen**" in table and "grid edge" not in table
+
+
+def test_split_halves_are_disjoint_and_cover_the_source(tmp_path):
+    dolly = tmp_path / "dolly.jsonl"
+    dolly.write_text("".join(json.dumps({"instruction": f"q{i}", "response": "a"}) + "\n" for i in range(7)))
+    tune, report = federated.split_halves(dolly, "dolly", tmp_path / "out")
+    tune_rows, report_rows = (path.read_text().splitlines() for path in (tune, report))
+    assert len(tune_rows) == 3 and len(report_rows) == 4
+    assert sorted(tune_rows + report_rows) == sorted(dolly.read_text().splitlines())
+    ni = tmp_path / "ni"
+    ni.mkdir()
+    task = {"Definition": ["Count."], "Instances": [{"id": str(i), "input": "x", "output": ["y"]} for i in range(5)]}
+    (ni / "task1_count.json").write_text(json.dumps(task))
+    tune, report = federated.split_halves(ni, "ni", tmp_path / "ni-out")
+    halves = [json.loads((half / "task1_count.json").read_text()) for half in (tune, report)]
+    assert [[i["id"] for i in half["Instances"]] for half in halves] == [["1", "3"], ["0", "2", "4"]]
+    assert all(half["Definition"] == ["Count."] for half in halves)
+
+
+def test_tiny_benchmark_tunes_on_one_half_and_reports_on_the_other(tmp_path, restore_threads):
+    model_dir = tmp_path / "tiny-model"
+    tokenizer = tiny_tokenizer()
+    tiny_llama(len(tokenizer)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    settings = ["server.fraction=1", "data.num_clients=2", "data.max_examples=40", "data.max_length=32", "rounds=1"]
+    settings += ["client.steps=1", "adapter.target_modules=q_proj,v_proj", "eval.every=1", "eval.rouge_examples=0"]
+    results = federated.main(
+        ["--model", str(model_dir), "--data", "dolly-sample", "--out", str(tmp_path / "runs")]
+        + ["--results-dir", str(tmp_path / "results"), "--strategies", "fedit", "--seeds", "0", "--no-progress"]
+        + ["--tune-lr", "1e-3", "1e-2", "--tune-extend", "1", "--set", *settings]
+    )
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    tuning = [row for row in rows if row["phase"] == "tune"]
+    (report,) = [row for row in rows if row["phase"] == "report"]
+    assert {1e-3, 1e-2} <= {row["lr"] for row in tuning} and len(tuning) == 3  # one edge extension
+    best = min(tuning, key=federated.validation_score)
+    assert report["lr"] == best["lr"] and report["config"]["client"]["lr"] == best["lr"]
+    assert {row["config"]["data"]["path"] for row in tuning} == {str(tmp_path / "runs" / "tune-data.jsonl")}
+    assert report["config"]["data"]["path"] == str(tmp_path / "runs" / "report-data.jsonl")
+    text = results.with_suffix(".md").read_text()
+    assert "Learning rates tuned on the tuning half" in text and "chosen" in text
