@@ -25,16 +25,9 @@ from fedlora.data import (
 )
 from fedlora.evaluation import evaluate, generate_from_prompt_ids, generate_responses
 from fedlora.federated.config import build_config, load_run_config
-from tests.tiny import tiny_llama, tiny_tokenizer
+from tests.tiny import CHATML, tiny_llama, tiny_tokenizer
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
-# SmolLM2-135M-Instruct's template (ChatML with a default system turn), as its GGUF tokenizer has it.
-CHATML = (
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
-    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 # Llama-2-chat style: the template writes BOS itself and ends an answer with EOS.
 LLAMA2 = (
     "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'system' %}<<SYS>>{{ message['content'] }}"
