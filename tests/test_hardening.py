@@ -397,6 +397,38 @@ def test_ctrl_c_in_the_first_round_says_how_to_resume(model_dir, sandbox, capsys
     assert RunDir(out).committed_round() == 1
 
 
+# A ``fedlora train`` process that sends itself SIGINT (Ctrl-C) when it first imports MODULE.
+INTERRUPT_AT_IMPORT = """
+import os, signal, sys
+
+MODULE = sys.argv[1]
+
+class Interrupt:
+    def find_spec(self, name, path=None, target=None):
+        if name == MODULE:
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGINT)
+
+sys.meta_path.insert(0, Interrupt())
+sys.argv = ["fedlora", "train", "--output-dir", sys.argv[2], "--no-progress"]
+from fedlora.__main__ import run
+run()
+"""
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("module", ["fedlora.cli", "torch.autograd"])
+def test_ctrl_c_while_modules_import_prints_one_line(tmp_path, module):
+    """Ctrl-C in the first seconds, inside the command line module's import or torch's (which a KeyboardInterrupt
+    would leave half-imported): exit status 130, one line, no traceback."""
+    command = [sys.executable, "-c", INTERRUPT_AT_IMPORT, module, str(tmp_path / "run")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 130, result.stderr
+    assert result.stderr.strip().startswith("fedlora: interrupted"), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.bad_input
 def test_an_unexpected_error_has_a_traceback_only_with_debug(model_dir, sandbox, capsys, monkeypatch):
     def bug(*args, **kwargs):
