@@ -42,6 +42,9 @@ def jsonl(rows: list[object]) -> str:
     return "".join(json.dumps(row) + "\n" for row in rows)
 
 
+DEEP = '{"instruction": ' + "[" * 5000 + "]" * 5000 + "}"  # a row nested deeper than Python's recursion limit
+
+
 def files(path: Path) -> dict[str, bytes] | None:
     """Every file under ``path`` with its bytes; None when ``path`` does not exist."""
     if not path.exists():
@@ -97,6 +100,9 @@ def model_dir(tmp_path_factory) -> Path:
         pytest.param([], ("run.toml", "rounds =\n"), ValueError, r"config file .*run.toml: Invalid value", id="toml"),
         pytest.param([], ("run.json", '{"rounds": 1,}'), ValueError, r"config file .*run.json: Expecting", id="json"),
         pytest.param([], ("run.yaml", "- rounds\n"), ValueError, r"must hold a mapping at the top level", id="not-map"),
+        pytest.param(
+            [], ("run.json", DEEP), ValueError, r"config file .*run.json: values nest too deeply", id="deep-json"
+        ),
         pytest.param([], ("run.ini", "rounds=1\n"), ValueError, r"run.ini: unsupported type '.ini'", id="file-type"),
         pytest.param(
             [], ("missing.yaml", None), FileNotFoundError, r"config file .*missing.yaml not found", id="no-file"
@@ -168,6 +174,18 @@ def test_bad_configuration(tmp_path, rows_file, overrides, config_file, error, m
             jsonl([{"prompt": row["instruction"], "response": row["response"]} for row in ROWS]),
             r"rows.jsonl: column 'instruction' \(for 'instruction'\) not found; available columns: \['prompt', 'response'\]",
             id="missing-column",
+        ),
+        pytest.param(
+            "rows.jsonl",
+            jsonl(ROWS[:3]) + DEEP + "\n",
+            r"rows.jsonl: line 4: values nest too deeply to read",
+            id="deep-jsonl",
+        ),
+        pytest.param(
+            "rows.json",
+            "[\n" + ",\n".join([*map(json.dumps, ROWS[:3]), DEEP]) + "\n]",
+            r"rows.json: row 4 \(line 5\): values nest too deeply to read",
+            id="deep-json",
         ),
         pytest.param(
             "rows.csv",

@@ -74,6 +74,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
             raise ValueError(f"unsupported type {suffix!r}; use .toml, .yaml, .yml or .json")
     except (ValueError, yaml.YAMLError) as error:  # TOML and JSON decode errors are ValueErrors
         raise ValueError(f"config file {path}: {error}") from error
+    except RecursionError:  # JSON lists or mappings hundreds of levels deep
+        raise ValueError(f"config file {path}: values nest too deeply") from None
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold a mapping at the top level")
     try:
