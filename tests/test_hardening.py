@@ -327,6 +327,23 @@ def test_a_directory_or_link_loop_is_named_as_such(model_dir, sandbox, capsys, w
 
 
 @pytest.mark.bad_input
+@pytest.mark.parametrize("dry_run", [False, True])
+@pytest.mark.parametrize(("kind", "match"), [("loop", "is a symbolic link loop"), ("dangling", "is a link to")])
+def test_a_data_path_that_is_a_broken_link_is_not_tried_on_the_hub(
+    model_dir, sandbox, capsys, monkeypatch, dry_run, kind, match
+):
+    """A data path without a file type that is a link loop or a dangling link: named at once, not fetched from the
+    hub (where retries took 25 s and ended in a hub miss)."""
+    monkeypatch.setattr("fedlora.data.loaders.load_dataset", lambda *a, **k: pytest.fail("data path tried on the hub"))
+    path = sandbox / "data"
+    path.symlink_to(path if kind == "loop" else sandbox / "absent")
+    argv = [*train_argv(model_dir, path, sandbox / "run", "data.source=file"), *(["--dry-run"] if dry_run else [])]
+    err = fails(argv, capsys)
+    assert f"data{'.' if dry_run else ' '}path {path} {match}" in err, err
+    assert not (sandbox / "run").exists()
+
+
+@pytest.mark.bad_input
 def test_a_natural_instructions_task_file_that_is_a_link_loop(model_dir, sandbox, capsys):
     loop = sandbox / "task001_loop.json"
     loop.symlink_to(loop)

@@ -242,6 +242,8 @@ def _read(path: str | Path) -> Dataset | Table:
         if not local.exists() and not local.is_symlink():
             raise FileNotFoundError(f"{path}: no such data file")
         raise missing_file_error(local, "data file")  # a directory, a link loop, a dangling link
+    if local.is_symlink() and not local.exists():  # a link loop or a dangling link names no hub dataset either
+        raise missing_file_error(local, "data path")
     if _is_saved_dataset(local):
         saved = load_from_disk(str(local))
         return saved["train"] if isinstance(saved, DatasetDict) else saved
