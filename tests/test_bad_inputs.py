@@ -17,6 +17,7 @@ import pytest
 from peft import get_peft_model
 
 from fedlora.cli import main
+from fedlora.data.loaders import load_instruction_dataset
 from fedlora.federated.build import check_adapter_dir
 from fedlora.federated.config import build_config, load_config, save_config
 from fedlora.federated.run import evaluate_run, train
@@ -199,6 +200,23 @@ def test_bad_data_file(tmp_path, name, text, match):
     (tmp_path / name).write_text(text)
     action = lambda: start(tmp_path, f"data.path={tmp_path / name}")  # noqa: E731
     rejected_before_writing(action, ValueError, match, tmp_path / "run")
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("rows.csv", "q,a,category\n" + "".join(f"{row['instruction']},{row['response']},c\n" for row in ROWS)),
+        ("rows.jsonl", jsonl([{"q": row["instruction"], "a": row["response"]} for row in ROWS])),
+        ("rows.json", json.dumps([{"q": row["instruction"], "a": row["response"]} for row in ROWS])),
+    ],
+)
+def test_a_byte_order_mark_is_skipped(tmp_path, name, text):
+    """A file that starts with a UTF-8 byte-order mark (Excel's "CSV UTF-8") reads as the same file without it: the
+    first column is ``q``, not ``'\\ufeffq'``."""
+    (tmp_path / name).write_text("\ufeff" + text, encoding="utf-8")
+    rows = load_instruction_dataset(tmp_path / name, {"instruction": "q", "response": "a"})
+    assert rows["instruction"] == [row["instruction"] for row in ROWS]
 
 
 @pytest.mark.bad_input

@@ -11,8 +11,9 @@ columns. Conversations in the TRL convention: a ``messages`` column holding turn
 assistant turns alternating, ending with an assistant turn; the final user turn becomes ``instruction``, the final
 assistant turn ``response`` (the one turn the loss is on), the turns before them ``history``.
 
-Local files are read here (JSON, JSON Lines, CSV), so a malformed file is reported by its line: a row that is not
-a JSON object, invalid JSON, a CSV row with more cells than the header. Every value of a mapped column must be a
+Local files are read here (JSON, JSON Lines, CSV; UTF-8, a leading byte-order mark skipped as Excel writes one), so a
+malformed file is reported by its line: a row that is not a JSON object, invalid JSON, a CSV row with more cells than
+the header. Every value of a mapped column must be a
 string (or missing: read as ""); a number, list or object there is an error naming the file, row and column, as is
 a malformed conversation turn. Rows whose instruction or response is empty (after stripping whitespace) are
 dropped and logged with their row numbers; a source with no usable rows is an error.
@@ -255,7 +256,7 @@ def _read(path: str | Path) -> Dataset | Table:
 
 def _read_json(path: Path) -> Table:
     """A JSON array of objects, or JSON Lines (one object per line), as columns; a key a row lacks is None there."""
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")
     if text.lstrip().startswith("["):
         try:
             array = _json_value(text)
@@ -308,7 +309,7 @@ def _too_deep_row(text: str) -> str:
 
 def _read_csv(path: Path) -> Table:
     """A CSV file with a header row, every cell as text; a short row gets "" cells, a row with extra cells fails."""
-    with path.open(newline="", encoding="utf-8") as f:
+    with path.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
         rows = []
         try:
@@ -352,7 +353,7 @@ def _natural_instruction_tasks(paths: str | Path | Sequence[str | Path]) -> list
 def _natural_instruction_task_file(file: Path) -> dict:
     """A task file's JSON, numbers read as their text; a ``ValueError`` naming the file when it is no task file."""
     try:
-        task = json.loads(file.read_text(encoding="utf-8"), parse_int=str, parse_float=str)
+        task = json.loads(file.read_text(encoding="utf-8-sig"), parse_int=str, parse_float=str)
     except json.JSONDecodeError as error:
         raise ValueError(f"{file}: invalid JSON at line {error.lineno}, column {error.colno}: {error.msg}") from error
     except RecursionError:
