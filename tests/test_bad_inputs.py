@@ -97,6 +97,16 @@ def model_dir(tmp_path_factory) -> Path:
         ),
         pytest.param(["data.min_examples=0"], None, ValueError, r"data.min_examples must be at least 1", id="range-2"),
         pytest.param(["data.colums=x"], None, ValueError, r"unknown config key 'data.colums'", id="unknown-key"),
+        pytest.param(
+            ["client.lr.=0.1"],
+            None,
+            ValueError,
+            r"override 'client.lr.=0.1': key 'client.lr.' has an empty part between dots",
+            id="empty-key-part",
+        ),
+        pytest.param(
+            ["client..lr=0.1"], None, ValueError, r"key 'client..lr' has an empty part", id="empty-key-part-2"
+        ),
         pytest.param([], ("run.yaml", "rounds: [1\n"), ValueError, r"config file .*run.yaml: while parsing", id="yaml"),
         pytest.param([], ("run.toml", "rounds =\n"), ValueError, r"config file .*run.toml: Invalid value", id="toml"),
         pytest.param([], ("run.json", '{"rounds": 1,}'), ValueError, r"config file .*run.json: Expecting", id="json"),

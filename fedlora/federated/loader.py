@@ -107,7 +107,10 @@ def _split_override(override: str) -> tuple[str, str]:
     key, sep, value = override.partition("=")
     if not sep or not key.strip():
         raise ValueError(f"override {override!r} must look like key.sub=value")
-    return key.strip(), value.strip()
+    key = key.strip()
+    if "" in key.split("."):
+        raise ValueError(f"override {override!r}: key {key!r} has an empty part between dots; keys look like client.lr")
+    return key, value.strip()
 
 
 def _set_dotted(values: dict[str, Any], key: str, value: Any) -> None:
