@@ -344,6 +344,32 @@ def test_a_data_path_that_is_a_broken_link_is_not_tried_on_the_hub(
 
 
 @pytest.mark.bad_input
+@pytest.mark.parametrize("dry_run", [False, True])
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("{}", r"config.json has no 'model_type' \(the architecture"),
+        (
+            '{"model_type": "banana"}',
+            r"config.json: model_type 'banana' is not an architecture this transformers knows",
+        ),
+        ("[]", r"config.json holds list, not a JSON object of model settings"),
+        ('{"model_type": ', r"config.json: invalid JSON at line 1, column 16: Expecting value"),
+    ],
+)
+def test_a_model_directory_whose_config_is_no_model_configuration(sandbox, capsys, dry_run, text, match):
+    """The model directory's config.json is named with what is wrong with it (before: a message about the
+    tokenizer's sentencepiece backend)."""
+    model = sandbox / "model"
+    model.mkdir()
+    (model / "config.json").write_text(text)
+    argv = [*train_argv(model, sandbox / "rows.jsonl", sandbox / "run"), *(["--dry-run"] if dry_run else [])]
+    err = fails(argv, capsys)
+    assert re.search(f"fedlora: error: {re.escape(str(model))}/{match}", err), err
+    assert not (sandbox / "run").exists()
+
+
+@pytest.mark.bad_input
 def test_a_natural_instructions_task_file_that_is_a_link_loop(model_dir, sandbox, capsys):
     loop = sandbox / "task001_loop.json"
     loop.symlink_to(loop)
