@@ -18,6 +18,9 @@ adapter is float32 whatever the base, as PEFT keeps it):
 * **server**: the shared tensors of the global model, of each sampled client's update (``server.fraction``)
   and of the server optimizer's state (FedAvgM one copy, FedAdam and FedYogi two), at 4 bytes.
 
+This is the in-process engine's peak, in one process. On Flower it is checked where the run opens (the command,
+then the ServerApp), against that machine's memory; each SuperNode holds the base model and its clients' part.
+
 The factors 22 and 14 were measured once (``ru_maxrss`` of one forward and backward step on the CPU in a fresh
 process, minus that before the step; SmolLM2-135M, float32, FedLoRA-Optimizer's adapter at r=8 on q_proj and
 v_proj): 2.09-2.18 MB per token at 4 × 256, 1 × 1024, 2 × 1024 and 1 × 2048 tokens (1.73 at 1 × 256; linear in
@@ -113,28 +116,17 @@ def estimate_memory(config: RunConfig) -> list[Term] | None:
         return None
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(model_config)
-    strategy = STRATEGIES[config.strategy].with_roles(config.adapter.tensor_roles)
     linears = _target_linears(model, config.adapter.target_modules)
-    r, ins, outs = config.adapter.r, sum(k for k, _ in linears), sum(d for _, d in linears)
-    sizes = {"A.direction": r * ins, "A.magnitude": ins, "B.direction": outs * r, "B.magnitude": r * len(linears)}
-    sizes.update({"A": r * ins, "B": outs * r})  # LoRA
-    by_role = {"shared": 0, "personal": 0, "frozen": 0}
-    for kind, role in strategy.roles.items():
-        by_role[role] += sizes[kind]
-    trained = by_role["shared"] + by_role["personal"]
+    r, values = config.adapter.r, _adapter_values(config, linears)
+    trained = values["shared"] + values["personal"]
     value = getattr(torch, config.model.dtype or "float32").itemsize
     clients = config.data.num_clients or 1
     local_states = 2 if config.client.optimizer == "adamw" else 0
     sampled = max(1, round(config.server.fraction * clients))
-    length = config.data.max_length
-    layers, hidden, vocab = model_config.num_hidden_layers, model_config.hidden_size, model_config.vocab_size
-    per_token = layers * HIDDEN_VALUES_PER_LAYER_TOKEN * hidden * value + LOGIT_BYTES_PER_VOCAB_TOKEN * vocab
-    training = config.client.batch_size * length * (per_token + 8 * r * len(linears))
-    evaluation = config.eval.batch_size * length * LOGIT_BYTES_PER_VOCAB_TOKEN * vocab
     return [
         Term(
             "base weights",
-            f"the base model's weights ({_count(model)} parameters)",
+            f"the base model's weights ({sum(p.numel() for p in model.parameters()):.3g} parameters)",
             _base_bytes(model, config.model.quantization, value),
             "model.dtype (or set model.quantization)",
         ),
@@ -142,34 +134,52 @@ def estimate_memory(config: RunConfig) -> list[Term] | None:
             "adapter",
             f"the adapter for r={r} ({trained:.3g} trained values on {len(linears)} layers, with their gradients and "
             "optimizer states)",
-            4 * (trained * ADAPTER_COPIES[config.client.optimizer] + by_role["frozen"]),
+            4 * (trained * ADAPTER_COPIES[config.client.optimizer] + values["frozen"]),
             "adapter.r (or adapter.target_modules)",
         ),
-        Term(
-            "activations",
-            f"the activations of training on {config.client.batch_size} × {length} tokens"
-            if training >= evaluation
-            else f"the activations of evaluating {config.eval.batch_size} × {length} tokens",
-            max(training, evaluation),
-            "data.max_length (or client.batch_size)"
-            if training >= evaluation
-            else "data.max_length (or eval.batch_size)",
-        ),
+        _activations(config, model_config, value, adapter_bytes_per_token=8 * r * len(linears)),
         Term(
             "client states",
-            f"the client states ({clients} clients × {by_role['personal']:.3g} personal values, with their local "
+            f"the client states ({clients} clients × {values['personal']:.3g} personal values, with their local "
             "optimizer states)",
-            clients * by_role["personal"] * 4 * (1 + local_states),
+            clients * values["personal"] * 4 * (1 + local_states),
             "data.num_clients",
         ),
         Term(
             "server",
-            f"the server's tensors ({by_role['shared']:.3g} shared values for the global model, {sampled} sampled "
+            f"the server's tensors ({values['shared']:.3g} shared values for the global model, {sampled} sampled "
             "updates and the server optimizer)",
-            by_role["shared"] * 4 * (1 + sampled + SERVER_OPTIMIZER_STATES[config.server.optimizer]),
+            values["shared"] * 4 * (1 + sampled + SERVER_OPTIMIZER_STATES[config.server.optimizer]),
             "server.fraction",
         ),
     ]
+
+
+def _adapter_values(config: RunConfig, linears: list[tuple[int, int]]) -> dict[str, int]:
+    """The adapter's values by role (``shared``, ``personal``, ``frozen``) at rank ``adapter.r`` on ``linears``."""
+    r, ins, outs = config.adapter.r, sum(k for k, _ in linears), sum(d for _, d in linears)
+    sizes = {"A.direction": r * ins, "A.magnitude": ins, "B.direction": outs * r, "B.magnitude": r * len(linears)}
+    sizes.update({"A": r * ins, "B": outs * r})  # LoRA's kinds
+    values = {"shared": 0, "personal": 0, "frozen": 0}
+    for kind, role in STRATEGIES[config.strategy].with_roles(config.adapter.tensor_roles).roles.items():
+        values[role] += sizes[kind]
+    return values
+
+
+def _activations(config: RunConfig, model_config: PretrainedConfig, value: int, adapter_bytes_per_token: int) -> Term:
+    """A training step's activations or evaluation's logits, whichever is larger (see the module docstring)."""
+    length, batch, eval_batch = config.data.max_length, config.client.batch_size, config.eval.batch_size
+    layers, hidden, vocab = model_config.num_hidden_layers, model_config.hidden_size, model_config.vocab_size
+    logits = LOGIT_BYTES_PER_VOCAB_TOKEN * vocab
+    training = (
+        batch * length * (layers * HIDDEN_VALUES_PER_LAYER_TOKEN * hidden * value + logits + adapter_bytes_per_token)
+    )
+    evaluation = eval_batch * length * logits
+    if training >= evaluation:
+        what, settings = f"training on {batch} × {length} tokens", "data.max_length (or client.batch_size)"
+    else:
+        what, settings = f"evaluating {eval_batch} × {length} tokens", "data.max_length (or eval.batch_size)"
+    return Term("activations", f"the activations of {what}", max(training, evaluation), settings)
 
 
 def available_memory(device: str) -> tuple[float, str] | None:
@@ -254,10 +264,6 @@ def _base_bytes(model: nn.Module, quantization: str | None, value: int) -> float
     head = model.get_output_embeddings()
     quantized = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear) and m is not head)
     return total - quantized * (value - QUANTIZED_BYTES[quantization])
-
-
-def _count(model: nn.Module) -> str:
-    return f"{sum(p.numel() for p in model.parameters()):.3g}"
 
 
 def _size(n: float) -> str:
