@@ -19,9 +19,14 @@ unexpected exception prints one line too, and its traceback only with ``--debug`
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
+import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -142,13 +147,20 @@ def config_parser(commands: argparse._SubParsersAction) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fedlora`` command; returns the exit status (argument and input errors exit with 2
     through ``SystemExit``, as argparse does)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args.run_dir_known = None  # train: the run directory, once the settings name it (for the advice on Ctrl-C)
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+    except KeyboardInterrupt:
+        print("\nfedlora: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    args.run_dir_known = getattr(args, "output_dir", None)  # train: the run directory (for the advice on Ctrl-C)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.debug:
         logging.getLogger("fedlora").setLevel(logging.DEBUG)  # also the traceback of a client that fails
     try:
+        with _exit_on_ctrl_c(args):
+            for module in _command_modules(args):
+                importlib.import_module(module)
         return args.run(args)
     except KeyboardInterrupt:
         if args.debug:
@@ -168,6 +180,37 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"fedlora: error: unexpected {type(error).__name__}: {error} (this is a bug in fedlora; rerun with "
             "--debug for the traceback)\n",
         )
+
+
+def _command_modules(args: argparse.Namespace) -> list[str]:
+    """The modules the command imports: with them torch, transformers, PEFT, datasets, and for ``--engine flower``
+    Flower (seconds, and the first moments of every command)."""
+    if args.command == "export":
+        return ["fedlora.export"]
+    if args.command == "config":
+        return ["fedlora.federated.config"]
+    return ["fedlora.federated.run", *(["fedlora.flower"] if getattr(args, "engine", None) == "flower" else [])]
+
+
+@contextmanager
+def _exit_on_ctrl_c(args: argparse.Namespace) -> Iterator[None]:
+    """Ctrl-C ends the process at once (one line, exit status 130) while this block runs: the command's imports.
+    A ``KeyboardInterrupt`` raised inside an import can leave torch or NumPy half-imported (a later import then fails
+    with an unrelated error, or crashes), be swallowed by a library's ``except``, or abort in C++ code; and nothing
+    has been written yet. Only the main thread can set a signal handler; elsewhere this is a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def exit_now(signum: int, frame: object) -> None:
+        os.write(2, f"\nfedlora: interrupted{_resume_advice(args)}\n".encode())
+        os._exit(EXIT_INTERRUPTED)
+
+    previous = signal.signal(signal.SIGINT, exit_now)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _loaded(names: Sequence[str]) -> tuple[type[BaseException], ...]:
@@ -190,7 +233,6 @@ def _train(args: argparse.Namespace) -> int:
     if args.resume and config_file is None and args.output_dir is not None:
         saved = Path(args.output_dir) / "config.yaml"  # continue with the saved settings
         config_file = saved if saved.is_file() else None
-    args.run_dir_known = args.output_dir
     flower_sets = [item for item in args.set if _is_flower_setting(item)]
     if flower_sets and args.engine != "flower":
         raise ValueError(f"--set {flower_sets[0]}: a Flower setting; it needs --engine flower")
@@ -295,9 +337,8 @@ def _resume_advice(args: argparse.Namespace) -> str:
     again (nothing to resume)."""
     if args.command != "train":
         return ""
-    from fedlora.federated.storage import RunDir
-
-    if args.run_dir_known is not None and RunDir(args.run_dir_known).config.is_file():
+    # No import here: a Ctrl-C while torch imports leaves it half-imported, and importing it again can crash.
+    if args.run_dir_known is not None and (Path(args.run_dir_known) / "config.yaml").is_file():
         engine = " --engine flower" if args.engine == "flower" else ""
         return f"; continue with: fedlora train --output-dir {args.run_dir_known} --resume{engine}"
     return "; no run directory was written, so there is nothing to resume: start the run again"

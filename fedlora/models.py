@@ -7,6 +7,7 @@ cached once as safetensors under ``$FEDLORA_CACHE`` (default ``~/.cache/fedlora`
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -16,6 +17,7 @@ from typing import Literal
 import torch
 from safetensors.torch import save_model
 from transformers import (
+    CONFIG_MAPPING,
     AutoModelForCausalLM,
     AutoTokenizer,
     BitsAndBytesConfig,
@@ -96,10 +98,33 @@ def model_kind(model: str) -> Literal["packaged", "gguf", "directory", "hub"]:
     if path.exists():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"Model directory {model!r} has no config.json.")
+        read_model_config(path / "config.json")
         return "directory"
     if path.is_absolute() or model.startswith((".", "~")) or model.count("/") > 1:
         raise FileNotFoundError(f"Model directory {model!r} does not exist (and it is not a hub id).")
     return "hub"
+
+
+def read_model_config(file: Path) -> dict:
+    """The settings in a model directory's ``config.json``; a ``ValueError`` naming the file when it is not a JSON
+    object or its ``model_type`` (the architecture transformers builds, e.g. ``"llama"``) is missing or unknown."""
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{file}: invalid JSON at line {error.lineno}, column {error.colno}: {error.msg}") from None
+    except (ValueError, RecursionError) as error:  # invalid UTF-8, or nested too deeply
+        raise ValueError(f"{file}: not a model configuration ({type(error).__name__}: {error})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{file} holds {type(config).__name__}, not a JSON object of model settings")
+    model_type = config.get("model_type")
+    if model_type is None:
+        raise ValueError(
+            f"{file} has no 'model_type' (the architecture, e.g. \"llama\"); a model saved with save_pretrained "
+            "writes it"
+        )
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        raise ValueError(f"{file}: model_type {model_type!r} is not an architecture this transformers knows")
+    return config
 
 
 def resolve_model_path(model: str) -> str:

@@ -17,6 +17,7 @@ import pytest
 from peft import get_peft_model
 
 from fedlora.cli import main
+from fedlora.data.loaders import load_instruction_dataset
 from fedlora.federated.build import check_adapter_dir
 from fedlora.federated.config import build_config, load_config, save_config
 from fedlora.federated.run import evaluate_run, train
@@ -40,6 +41,9 @@ SETTINGS = [
 
 def jsonl(rows: list[object]) -> str:
     return "".join(json.dumps(row) + "\n" for row in rows)
+
+
+DEEP = '{"instruction": ' + "[" * 5000 + "]" * 5000 + "}"  # a row nested deeper than Python's recursion limit
 
 
 def files(path: Path) -> dict[str, bytes] | None:
@@ -93,10 +97,23 @@ def model_dir(tmp_path_factory) -> Path:
         ),
         pytest.param(["data.min_examples=0"], None, ValueError, r"data.min_examples must be at least 1", id="range-2"),
         pytest.param(["data.colums=x"], None, ValueError, r"unknown config key 'data.colums'", id="unknown-key"),
+        pytest.param(
+            ["client.lr.=0.1"],
+            None,
+            ValueError,
+            r"override 'client.lr.=0.1': key 'client.lr.' has an empty part between dots",
+            id="empty-key-part",
+        ),
+        pytest.param(
+            ["client..lr=0.1"], None, ValueError, r"key 'client..lr' has an empty part", id="empty-key-part-2"
+        ),
         pytest.param([], ("run.yaml", "rounds: [1\n"), ValueError, r"config file .*run.yaml: while parsing", id="yaml"),
         pytest.param([], ("run.toml", "rounds =\n"), ValueError, r"config file .*run.toml: Invalid value", id="toml"),
         pytest.param([], ("run.json", '{"rounds": 1,}'), ValueError, r"config file .*run.json: Expecting", id="json"),
         pytest.param([], ("run.yaml", "- rounds\n"), ValueError, r"must hold a mapping at the top level", id="not-map"),
+        pytest.param(
+            [], ("run.json", DEEP), ValueError, r"config file .*run.json: values nest too deeply", id="deep-json"
+        ),
         pytest.param([], ("run.ini", "rounds=1\n"), ValueError, r"run.ini: unsupported type '.ini'", id="file-type"),
         pytest.param(
             [], ("missing.yaml", None), FileNotFoundError, r"config file .*missing.yaml not found", id="no-file"
@@ -170,6 +187,18 @@ def test_bad_configuration(tmp_path, rows_file, overrides, config_file, error, m
             id="missing-column",
         ),
         pytest.param(
+            "rows.jsonl",
+            jsonl(ROWS[:3]) + DEEP + "\n",
+            r"rows.jsonl: line 4: values nest too deeply to read",
+            id="deep-jsonl",
+        ),
+        pytest.param(
+            "rows.json",
+            "[\n" + ",\n".join([*map(json.dumps, ROWS[:3]), DEEP]) + "\n]",
+            r"rows.json: row 4 \(line 5\): values nest too deeply to read",
+            id="deep-json",
+        ),
+        pytest.param(
             "rows.csv",
             "instruction,response,category\nq,a,c\nq,a,c,extra\n",
             r"rows.csv: line 3 has 4 cells, the header 3",
@@ -181,6 +210,23 @@ def test_bad_data_file(tmp_path, name, text, match):
     (tmp_path / name).write_text(text)
     action = lambda: start(tmp_path, f"data.path={tmp_path / name}")  # noqa: E731
     rejected_before_writing(action, ValueError, match, tmp_path / "run")
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("rows.csv", "q,a,category\n" + "".join(f"{row['instruction']},{row['response']},c\n" for row in ROWS)),
+        ("rows.jsonl", jsonl([{"q": row["instruction"], "a": row["response"]} for row in ROWS])),
+        ("rows.json", json.dumps([{"q": row["instruction"], "a": row["response"]} for row in ROWS])),
+    ],
+)
+def test_a_byte_order_mark_is_skipped(tmp_path, name, text):
+    """A file that starts with a UTF-8 byte-order mark (Excel's "CSV UTF-8") reads as the same file without it: the
+    first column is ``q``, not ``'\\ufeffq'``."""
+    (tmp_path / name).write_text("\ufeff" + text, encoding="utf-8")
+    rows = load_instruction_dataset(tmp_path / name, {"instruction": "q", "response": "a"})
+    assert rows["instruction"] == [row["instruction"] for row in ROWS]
 
 
 @pytest.mark.bad_input

@@ -327,6 +327,49 @@ def test_a_directory_or_link_loop_is_named_as_such(model_dir, sandbox, capsys, w
 
 
 @pytest.mark.bad_input
+@pytest.mark.parametrize("dry_run", [False, True])
+@pytest.mark.parametrize(("kind", "match"), [("loop", "is a symbolic link loop"), ("dangling", "is a link to")])
+def test_a_data_path_that_is_a_broken_link_is_not_tried_on_the_hub(
+    model_dir, sandbox, capsys, monkeypatch, dry_run, kind, match
+):
+    """A data path without a file type that is a link loop or a dangling link: named at once, not fetched from the
+    hub (where retries took 25 s and ended in a hub miss)."""
+    monkeypatch.setattr("fedlora.data.loaders.load_dataset", lambda *a, **k: pytest.fail("data path tried on the hub"))
+    path = sandbox / "data"
+    path.symlink_to(path if kind == "loop" else sandbox / "absent")
+    argv = [*train_argv(model_dir, path, sandbox / "run", "data.source=file"), *(["--dry-run"] if dry_run else [])]
+    err = fails(argv, capsys)
+    assert f"data{'.' if dry_run else ' '}path {path} {match}" in err, err
+    assert not (sandbox / "run").exists()
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("dry_run", [False, True])
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("{}", r"config.json has no 'model_type' \(the architecture"),
+        (
+            '{"model_type": "banana"}',
+            r"config.json: model_type 'banana' is not an architecture this transformers knows",
+        ),
+        ("[]", r"config.json holds list, not a JSON object of model settings"),
+        ('{"model_type": ', r"config.json: invalid JSON at line 1, column 16: Expecting value"),
+    ],
+)
+def test_a_model_directory_whose_config_is_no_model_configuration(sandbox, capsys, dry_run, text, match):
+    """The model directory's config.json is named with what is wrong with it (before: a message about the
+    tokenizer's sentencepiece backend)."""
+    model = sandbox / "model"
+    model.mkdir()
+    (model / "config.json").write_text(text)
+    argv = [*train_argv(model, sandbox / "rows.jsonl", sandbox / "run"), *(["--dry-run"] if dry_run else [])]
+    err = fails(argv, capsys)
+    assert re.search(f"fedlora: error: {re.escape(str(model))}/{match}", err), err
+    assert not (sandbox / "run").exists()
+
+
+@pytest.mark.bad_input
 def test_a_natural_instructions_task_file_that_is_a_link_loop(model_dir, sandbox, capsys):
     loop = sandbox / "task001_loop.json"
     loop.symlink_to(loop)
@@ -395,6 +438,38 @@ def test_ctrl_c_in_the_first_round_says_how_to_resume(model_dir, sandbox, capsys
     assert "Traceback" not in err
     assert main(["train", "--output-dir", str(out), "--resume", "--no-progress"]) == 0
     assert RunDir(out).committed_round() == 1
+
+
+# A ``fedlora train`` process that sends itself SIGINT (Ctrl-C) when it first imports MODULE.
+INTERRUPT_AT_IMPORT = """
+import os, signal, sys
+
+MODULE = sys.argv[1]
+
+class Interrupt:
+    def find_spec(self, name, path=None, target=None):
+        if name == MODULE:
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGINT)
+
+sys.meta_path.insert(0, Interrupt())
+sys.argv = ["fedlora", "train", "--output-dir", sys.argv[2], "--no-progress"]
+from fedlora.__main__ import run
+run()
+"""
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("module", ["fedlora.cli", "torch.autograd"])
+def test_ctrl_c_while_modules_import_prints_one_line(tmp_path, module):
+    """Ctrl-C in the first seconds, inside the command line module's import or torch's (which a KeyboardInterrupt
+    would leave half-imported): exit status 130, one line, no traceback."""
+    command = [sys.executable, "-c", INTERRUPT_AT_IMPORT, module, str(tmp_path / "run")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 130, result.stderr
+    assert result.stderr.strip().startswith("fedlora: interrupted"), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.bad_input

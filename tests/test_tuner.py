@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -187,6 +188,23 @@ def test_any_rank_output_and_gradients_match_formula(r, d, device):
     expected = torch.autograd.grad(expected_out, [x, *trained], grad_out)
     for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e, **LAYER_TOL)
+
+
+def test_rank_warnings_are_given_once_per_distinct_message(caplog):
+    """r above a layer's min(in, out), or r = 1: one warning per layer shape, not one per layer (58 on SmolLM2)."""
+    config = FedDoRAConfig(r=100, target_modules=["q_proj", "v_proj"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        get_peft_model(tiny_llama(), config)  # 2 layers; q_proj 32 → 32, v_proj 32 → 16
+    ranks = [str(w.message) for w in caught if "is larger than min(" in str(w.message)]
+    assert len(ranks) == 2, ranks
+    assert (
+        "r=100 of layer 'model.layers.0.self_attn.q_proj' is larger than min(in_features=32, out_features=32)"
+        in ranks[0]
+    )
+    with caplog.at_level("WARNING", logger="fedlora.tuners.feddora.model"):
+        get_peft_model(tiny_llama(), FedDoRAConfig(r=1, target_modules=["q_proj", "v_proj"]))
+    assert sum("A.direction has one row (r=1)" in record.getMessage() for record in caplog.records) == 1
 
 
 def test_single_row_directions_are_fixed_buffers_out_of_every_role(caplog, device):

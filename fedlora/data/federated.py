@@ -27,6 +27,7 @@ from fedlora.data.loaders import (
 from fedlora.data.partition import dirichlet_partition, iid_partition, label_partition, sample_indices
 from fedlora.data.samples import DOLLY_SAMPLE
 from fedlora.data.tokenization import PROMPT_FORMATS, PromptFormat, resolve_prompt_format, tokenize_dataset
+from fedlora.files import missing_file_error
 
 logger = logging.getLogger(__name__)
 
@@ -40,12 +41,14 @@ DOLLY_SAMPLE_ALIAS = "dolly-sample"  # a path naming the packaged Dolly sample (
 def data_path_kind(path: str | Path) -> str:
     """What a ``data.path`` entry names, checked without reading it: the packaged Dolly sample, a local file or
     directory, or a hub dataset id (not checked: that needs the network); a ``FileNotFoundError`` for a local path
-    that does not exist."""
+    that does not exist (an ``OSError`` for a link loop)."""
     if str(path) == DOLLY_SAMPLE_ALIAS:
         return "the packaged Dolly sample"
     local = Path(path)
     if local.exists():
         return "local directory" if local.is_dir() else "local file"
+    if local.is_symlink():
+        raise missing_file_error(local, "data.path")  # a link loop or a dangling link
     if may_be_hub_id(path):
         return "hub dataset id, not checked"
     raise FileNotFoundError(f"data.path {str(path)!r} does not exist (and it is not a hub dataset id)")

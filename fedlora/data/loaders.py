@@ -11,8 +11,9 @@ columns. Conversations in the TRL convention: a ``messages`` column holding turn
 assistant turns alternating, ending with an assistant turn; the final user turn becomes ``instruction``, the final
 assistant turn ``response`` (the one turn the loss is on), the turns before them ``history``.
 
-Local files are read here (JSON, JSON Lines, CSV), so a malformed file is reported by its line: a row that is not
-a JSON object, invalid JSON, a CSV row with more cells than the header. Every value of a mapped column must be a
+Local files are read here (JSON, JSON Lines, CSV; UTF-8, a leading byte-order mark skipped as Excel writes one), so a
+malformed file is reported by its line: a row that is not a JSON object, invalid JSON, a CSV row with more cells than
+the header. Every value of a mapped column must be a
 string (or missing: read as ""); a number, list or object there is an error naming the file, row and column, as is
 a malformed conversation turn. Rows whose instruction or response is empty (after stripping whitespace) are
 dropped and logged with their row numbers; a source with no usable rows is an error.
@@ -21,8 +22,10 @@ dropped and logged with their row numbers; a source with no usable rows is an er
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import logging
+import re
 import reprlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -172,6 +175,8 @@ def _conversation(value: object, source: str, row: int, column: str) -> list[dic
             value = json.loads(value) if value.strip() else None
         except json.JSONDecodeError as error:
             raise ValueError(f"{where} holds text that is not a JSON list of turns ({error.msg})") from error
+        except RecursionError:
+            raise ValueError(f"{where}: {_TOO_DEEP}") from None
     if value is None:
         return []
     if not isinstance(value, list):
@@ -238,6 +243,8 @@ def _read(path: str | Path) -> Dataset | Table:
         if not local.exists() and not local.is_symlink():
             raise FileNotFoundError(f"{path}: no such data file")
         raise missing_file_error(local, "data file")  # a directory, a link loop, a dangling link
+    if local.is_symlink() and not local.exists():  # a link loop or a dangling link names no hub dataset either
+        raise missing_file_error(local, "data path")
     if _is_saved_dataset(local):
         saved = load_from_disk(str(local))
         return saved["train"] if isinstance(saved, DatasetDict) else saved
@@ -249,9 +256,13 @@ def _read(path: str | Path) -> Dataset | Table:
 
 def _read_json(path: Path) -> Table:
     """A JSON array of objects, or JSON Lines (one object per line), as columns; a key a row lacks is None there."""
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")
     if text.lstrip().startswith("["):
-        rows = [(f"row {number}", row) for number, row in enumerate(_json_value(text), 1)]
+        try:
+            array = _json_value(text)
+        except RecursionError:
+            raise ValueError(f"{_too_deep_row(text)}: {_TOO_DEEP}") from None
+        rows = [(f"row {number}", row) for number, row in enumerate(array, 1)]
     else:
         lines = enumerate(text.splitlines(), 1)
         rows = [(f"line {number}", _json_value(line, number)) for number, line in lines if line.strip()]
@@ -263,16 +274,42 @@ def _read_json(path: Path) -> Table:
 
 
 def _json_value(text: str, line: int | None = None) -> object:
-    """``json.loads``, with a ``ValueError`` that names the line (``line``: the line ``text`` is, in its file)."""
+    """``json.loads``, with a ``ValueError`` that names the line (``line``: the line ``text`` is, in its file). A
+    whole file's text (``line`` None) that nests too deeply raises ``RecursionError`` (see :func:`_too_deep_row`)."""
     try:
         return json.loads(text)
     except json.JSONDecodeError as error:
         raise ValueError(f"invalid JSON at line {line or error.lineno}, column {error.colno}: {error.msg}") from error
+    except RecursionError:
+        if line is None:
+            raise
+        raise ValueError(f"line {line}: {_TOO_DEEP}") from None
+
+
+_TOO_DEEP = "values nest too deeply to read (lists or objects inside each other, hundreds of levels deep)"
+_ARRAY_SEPARATOR = re.compile(r"\s*,?\s*")
+
+
+def _too_deep_row(text: str) -> str:
+    """Where the JSON array ``text`` nests too deeply for ``json.loads``, as ``row N (line L)``: its rows are decoded
+    one by one until one raises ``RecursionError`` (the rows before it decoded, so the array's syntax holds until
+    there)."""
+    decoder, position = json.JSONDecoder(), text.index("[") + 1
+    for row in itertools.count(1):
+        position = _ARRAY_SEPARATOR.match(text, position).end()
+        try:
+            _, position = decoder.raw_decode(text, position)
+        except RecursionError:
+            line = text.count("\n", 0, position) + 1
+            return f"row {row} (line {line})"
+        except json.JSONDecodeError:  # the end of the array: decoding only the rows recursed less deeply
+            break
+    return "the JSON array"
 
 
 def _read_csv(path: Path) -> Table:
     """A CSV file with a header row, every cell as text; a short row gets "" cells, a row with extra cells fails."""
-    with path.open(newline="", encoding="utf-8") as f:
+    with path.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
         rows = []
         try:
@@ -316,9 +353,11 @@ def _natural_instruction_tasks(paths: str | Path | Sequence[str | Path]) -> list
 def _natural_instruction_task_file(file: Path) -> dict:
     """A task file's JSON, numbers read as their text; a ``ValueError`` naming the file when it is no task file."""
     try:
-        task = json.loads(file.read_text(encoding="utf-8"), parse_int=str, parse_float=str)
+        task = json.loads(file.read_text(encoding="utf-8-sig"), parse_int=str, parse_float=str)
     except json.JSONDecodeError as error:
         raise ValueError(f"{file}: invalid JSON at line {error.lineno}, column {error.colno}: {error.msg}") from error
+    except RecursionError:
+        raise ValueError(f"{file}: {_TOO_DEEP}") from None
     except ValueError as error:  # invalid UTF-8
         raise ValueError(f"{file}: {error}") from error
     for key in ("Definition", "Instances"):

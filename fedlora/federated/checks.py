@@ -10,6 +10,7 @@ import torch
 
 from fedlora.federated.config import RunConfig, config_differences
 from fedlora.federated.paths import client_dir_names
+from fedlora.federated.resources import check_memory
 
 EVAL_FIXED_KEYS = ("data.", "seed")  # what `fedlora eval --set` may not change: the data split it scores
 
@@ -36,9 +37,11 @@ def check_device(device: str) -> None:
 
 
 def check_settings(config: RunConfig) -> None:
-    """What can be checked before the model and data load: the device, and ``server.min_clients`` against
-    ``data.num_clients`` when the partition fixes it."""
+    """What can be checked before the model and data load: the device, whether the run fits in its memory (see
+    :mod:`fedlora.federated.resources`), and ``server.min_clients`` against ``data.num_clients`` when the partition
+    fixes it."""
     check_device(config.device)
+    check_memory(config)
     if config.data.num_clients is not None:
         check_min_clients(config, config.data.num_clients)
 

@@ -74,6 +74,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
             raise ValueError(f"unsupported type {suffix!r}; use .toml, .yaml, .yml or .json")
     except (ValueError, yaml.YAMLError) as error:  # TOML and JSON decode errors are ValueErrors
         raise ValueError(f"config file {path}: {error}") from error
+    except RecursionError:  # JSON lists or mappings hundreds of levels deep
+        raise ValueError(f"config file {path}: values nest too deeply") from None
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold a mapping at the top level")
     try:
@@ -105,7 +107,10 @@ def _split_override(override: str) -> tuple[str, str]:
     key, sep, value = override.partition("=")
     if not sep or not key.strip():
         raise ValueError(f"override {override!r} must look like key.sub=value")
-    return key.strip(), value.strip()
+    key = key.strip()
+    if "" in key.split("."):
+        raise ValueError(f"override {override!r}: key {key!r} has an empty part between dots; keys look like client.lr")
+    return key, value.strip()
 
 
 def _set_dotted(values: dict[str, Any], key: str, value: Any) -> None:

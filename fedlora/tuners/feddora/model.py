@@ -53,10 +53,10 @@ class FedDoRAModel(BaseTuner):
         lora_alpha = config.alpha_pattern.get(alpha_key, config.lora_alpha)
         if isinstance(target, FedDoRALayer):
             target.update_layer(adapter_name, r, lora_alpha, config)
-            _report_rank(target, adapter_name, current_key)
+            _report_rank(target, adapter_name, current_key, vars(self).setdefault("_reported", set()))
             return
         new_module = self._create_new_module(config, adapter_name, target, current_key, r=r, lora_alpha=lora_alpha)
-        _report_rank(new_module, adapter_name, current_key)
+        _report_rank(new_module, adapter_name, current_key, vars(self).setdefault("_reported", set()))
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
@@ -175,24 +175,30 @@ def _combined_targets(targets: Sequence[set[str] | str | None]) -> set[str] | st
     raise ValueError(f"cannot combine adapters whose target_modules mix module-name sets and regexes: {list(targets)}")
 
 
-def _report_rank(layer: FedDoRALayer, adapter_name: str, key: str) -> None:
+def _report_rank(layer: FedDoRALayer, adapter_name: str, key: str, reported: set[tuple]) -> None:
     """Warn, naming the layer, when r > min(in_features, out_features) (accepted, as PEFT LoRA does: ΔW = s·B A has
-    rank at most min(k, d) whatever r), and log each direction that is fixed (see ``MagnitudeDirection``)."""
+    rank at most min(k, d) whatever r), and log each direction that is fixed (see ``MagnitudeDirection``). Each
+    distinct message once per model: its first layer stands for every other layer of the same shape (``reported``
+    holds the messages given so far)."""
     r, in_features, out_features = layer.r[adapter_name], layer.in_features, layer.out_features
-    if r > min(in_features, out_features):
+    if r > min(in_features, out_features) and ("rank", r, in_features, out_features) not in reported:
+        reported.add(("rank", r, in_features, out_features))
         warnings.warn(
             f"FedDoRA rank r={r} of layer {key!r} is larger than min(in_features={in_features}, "
             f"out_features={out_features}); the update has rank at most {min(in_features, out_features)}, so the "
-            "extra rank adds parameters but no expressiveness.",
+            "extra rank adds parameters but no expressiveness (warned once for all target layers of this shape).",
             stacklevel=4,
         )
     for factor, reason in (("A", f"r={r}"), ("B", f"out_features={out_features}")):
-        if getattr(layer, f"feddora_{factor}")[adapter_name].fixed:
+        if getattr(layer, f"feddora_{factor}")[adapter_name].fixed and ("fixed", factor, reason) not in reported:
+            reported.add(("fixed", factor, reason))
             logger.warning(
                 "FedDoRA layer %r: %s.direction has one row (%s), so its unit columns are signs with zero gradient; "
-                "it is fixed (a buffer: not trained, not shared) and %s.magnitude carries the factor.",
+                "it is fixed (a buffer: not trained, not shared) and %s.magnitude carries the factor (logged once "
+                "for all target layers with %s).",
                 key,
                 factor,
                 reason,
                 factor,
+                reason,
             )
