@@ -15,7 +15,8 @@ over ``N`` clients, ``--rounds`` rounds, every round evaluated (the loss; no gen
 
 Measured in the child: ``peak_rss_mib`` (``getrusage(RUSAGE_SELF).ru_maxrss``, the whole process: torch, the model,
 the data and the run), ``rss_before_run_mib`` (the same once torch, the model and tokenizer are loaded, before the
-run), ``s_per_round`` (the median over rounds 2..R of the time between consecutive round commits: training,
+run), ``rss_end_mib`` (the resident memory once the run ended: what it keeps, where a transient peak such as
+reading the data file may hide it), ``s_per_round`` (the median over rounds 2..R of the time between consecutive round commits: training,
 aggregation, evaluation, writing), ``startup_s`` (from the start of the run to round 1's commit: the data split, the
 checks, round 0's evaluation and round 1), the run directory's size at the end (``dir_mib``) and its median growth
 per round over rounds 2..R (``dir_kib_per_round``), and, read back from ``metrics.jsonl``, the clients that trained
@@ -148,6 +149,7 @@ def run_child(settings: Sequence[str]) -> dict[str, Any]:
     return {
         "peak_rss_mib": _peak_rss_mib(),
         "rss_before_run_mib": rss_before,
+        "rss_end_mib": _rss_mib(),
         "s_per_round": statistics.median(b - a for a, b in zip(times, times[1:], strict=False)),
         "round_s": [round(b - a, 4) for a, b in zip(times, times[1:], strict=False)],
         "startup_s": times[0] - started,
@@ -161,6 +163,12 @@ def run_child(settings: Sequence[str]) -> dict[str, Any]:
 
 def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _rss_mib() -> float:
+    """The resident memory now (``VmRSS``)."""
+    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
 
 
 def _dir_bytes(path: Path) -> int:
@@ -186,6 +194,7 @@ def table(rows: Sequence[Mapping[str, Any]]) -> str:
         "scored/round",
         "peak RSS MiB",
         "× smallest",
+        "RSS at end MiB",
         "s/round",
         "× smallest",
         "run dir MiB",
@@ -205,6 +214,7 @@ def table(rows: Sequence[Mapping[str, Any]]) -> str:
                     row["scored"],
                     f"{row['peak_rss_mib']:.0f}",
                     f"{row['peak_rss_mib'] / first['peak_rss_mib']:.3f}",
+                    f"{row['rss_end_mib']:.0f}",
                     f"{row['s_per_round']:.3f}",
                     f"{row['s_per_round'] / first['s_per_round']:.2f}",
                     f"{row['dir_mib']:.2f}",

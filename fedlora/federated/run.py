@@ -4,8 +4,8 @@
 the strategy's adapter (:func:`build_federation`) and hands the rounds to the round driver
 (:func:`~fedlora.federated.rounds.run_rounds`) with :class:`InProcess` as its transport: a sampled client loads
 the global shared tensors and its personal state, trains, and returns a :class:`~fedlora.federated.message.FitRes`
-(:func:`fit_clients`); the global model is scored once on the pooled global test set and every client's model on
-its own test split (:func:`evaluate_round`). Only the clients of the current round are in memory: the run directory
+(:func:`fit_clients`); the global model is scored once on the pooled global test set and each scored client's model
+on its own test split (:func:`evaluate_round`). Only the clients of the current round are in memory: the run directory
 keeps every client's state, read when the client trains or is scored (:func:`load_state`). :func:`evaluate_run`
 re-scores a saved run.
 
@@ -97,6 +97,7 @@ class InProcess(Transport):
         self.fed, self.server, self.run_dir, self.progress = fed, server, run_dir, progress
         self.train_data = {data.client_id: data for data in fed.strategy.training_clients(fed.data.clients)}
         self.clients = list(self.train_data)
+        self.eval_data = {data.client_id: data for data in fed.data.clients}
         self.trained: dict[str, ClientState] = {}  # this round's, until the next round: not yet in run_dir
 
     def train(self, round_: int, client_rounds: Mapping[str, int]) -> RoundReplies:
@@ -110,11 +111,10 @@ class InProcess(Transport):
 
     @property
     def eval_clients(self) -> list[str]:
-        return [data.client_id for data in self.fed.data.clients]
+        return list(self.eval_data)
 
     def evaluate(self, round_: int, client_rounds: Mapping[str, int], clients: Sequence[str]) -> list[dict[str, Any]]:
-        data = {data.client_id: data for data in self.fed.data.clients}
-        states = (self._state(data[client_id], client_rounds) for client_id in clients)
+        states = (self._state(self.eval_data[client_id], client_rounds) for client_id in clients)
         return evaluate_round(self.fed, states, self.server.global_tensors, self.progress, len(clients))
 
     def trained_states(self, results: Sequence[FitRes]) -> list[ClientState]:
