@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import kernels, report
+from benchmarks import kernels, report, scale
 from benchmarks.common import DEFAULT_DATA, REPO, markdown_table, provenance, read_jsonl, write_jsonl
 from benchmarks.federated import parse_args as federated_args
 
@@ -185,3 +185,21 @@ def test_provenance_and_the_default_data_path() -> None:
     assert (REPO / "benchmarks" / "common.py").is_file() and DEFAULT_DATA.is_relative_to(REPO.parent / "shared")
     assert federated_args([]).data == DEFAULT_DATA
     assert federated_args(["--data", "dolly-sample"]).data == Path("dolly-sample")
+
+
+def test_scale_dry_run_measures_each_federation_in_its_own_process(tmp_path: Path) -> None:
+    """The scale benchmark's wiring at 4 and 8 clients: one row each, with the clients that really trained and were
+    scored per round (read back from the runs' metrics), positive measurements, and the table and plot written."""
+    out, results_dir = str(tmp_path / "runs"), str(tmp_path / "results")
+    results = scale.main(["--dry-run", "--series", "fixed-sample", "--out", out, "--results-dir", results_dir])
+    rows = read_jsonl(results)
+    assert [(row["series"], row["clients"]) for row in rows] == [("fixed-sample", 4), ("fixed-sample", 8)]
+    for row in rows:
+        assert (row["sampled"], row["scored"]) == (2, 2)  # --sampled, whatever the federation's size
+        assert row["peak_rss_mib"] >= max(row["rss_before_run_mib"], row["rss_end_mib"]) > 0
+        assert row["s_per_round"] > 0 and len(row["round_s"]) == row["rounds"] - 1 == 2
+        assert row["dir_mib"] > 0 and row["startup_s"] > 0 and row["commit"] and row["config_hash"]
+        assert f"server.fraction={2 / row['clients']}" in row["settings"] and "eval.clients=2" in row["settings"]
+    table = results.with_suffix(".md").read_text()
+    assert "| fixed-sample | 8 | 2 | 2 |" in table
+    assert results.with_suffix(".png").read_bytes().startswith(b"\x89PNG")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -14,6 +15,7 @@ from safetensors.torch import load_file
 from fedlora.data import build_federated_data
 from fedlora.evaluation import evaluate_loss
 from fedlora.federated import (
+    ClientState,
     FedAdam,
     FedAvgM,
     FederatedClient,
@@ -30,9 +32,10 @@ from fedlora.federated import (
     train,
     weighted_average,
 )
-from fedlora.federated.config import ServerSettings
+from fedlora.federated.config import EvalSettings, ServerSettings
 from fedlora.federated.report import GLOBAL_MODEL
 from fedlora.federated.run import build_federation
+from fedlora.federated.sampling import eval_clients
 from tests.tiny import tiny_llama, tiny_tokenizer
 
 LABELS = ("open_qa", "summarization", "brainstorming", "classification")
@@ -227,6 +230,16 @@ def test_client_sampling_is_seeded():
     assert len({tuple(p) for p in picks}) > 1
 
 
+def test_eval_sample_is_seeded_and_at_least_one_client():
+    ids = [f"c{i:03d}" for i in range(100)]
+    picks = eval_clients(EvalSettings(clients=10), 3, ids)
+    assert len(picks) == 10 and picks == sorted(picks) and picks == eval_clients(EvalSettings(clients=10), 3, ids)
+    assert picks != eval_clients(EvalSettings(clients=10), 4, ids)  # another seed, another sample
+    assert eval_clients(EvalSettings(fraction=0.1), 3, ids) == picks  # 10 of 100 either way
+    assert len(eval_clients(EvalSettings(fraction=0.001), 3, ids)) == 1  # a fraction giving 0 scores one client
+    assert eval_clients(EvalSettings(clients=500), 3, ids) == ids == eval_clients(EvalSettings(), 3, ids)
+
+
 def steps(optimizer: ServerOptimizer, deltas: list[float], x0: float = 1.0) -> list[float]:
     x = {"x": torch.tensor([x0], dtype=torch.float64)}
     out = []
@@ -419,6 +432,44 @@ def test_resume_refuses_a_different_configuration(make_config, run):
         run(make_config("client.lr=0.5", "rounds=2"), resume=True)
 
 
+def test_a_round_holds_only_its_own_clients_states(make_config, run, monkeypatch):
+    """One client of three trains a round: while a client trains or is scored, only the states of that round's
+    clients exist (the others are read from the run directory when needed, one at a time)."""
+    alive: dict[str, list[int]] = {"fit": [], "evaluate": []}
+    fit, evaluate = FederatedClient.fit, FederatedClient.evaluate
+
+    def count(kind: str) -> None:
+        alive[kind].append(sum(isinstance(obj, ClientState) for obj in gc.get_objects()))
+
+    def counting_fit(self, state, ins):
+        count("fit")
+        return fit(self, state, ins)
+
+    def counting_evaluate(self, state, shared, datasets):
+        if state is not None:
+            count("evaluate")
+        return evaluate(self, state, shared, datasets)
+
+    monkeypatch.setattr(FederatedClient, "fit", counting_fit)
+    monkeypatch.setattr(FederatedClient, "evaluate", counting_evaluate)
+    run(make_config("server.fraction=0.34", "rounds=3"))
+    assert alive["fit"] == [1, 1, 1]  # the sampled client's
+    assert len(alive["evaluate"]) == 4 * 3 and max(alive["evaluate"]) <= 2  # the scored one and the round's trained one
+
+
+def test_scored_clients_are_a_seeded_sample_the_same_every_round(make_config, run, tokenizer):
+    config = make_config("eval.clients=2", "server.fraction=0.34", "rounds=3")
+    rows = [json.loads(line) for line in (run(config) / "metrics.jsonl").read_text().splitlines()]
+    expected = eval_clients(config.eval, config.seed, ["client_0", "client_1", "client_2"])
+    for round_ in range(4):  # round 0: the initial adapter
+        scored = [r["client"] for r in rows if r["round"] == round_ and r["split"] == "local" and "client" in r]
+        assert scored == expected
+        global_rows = [r for r in rows if r["round"] == round_ and r["split"] == "global"]
+        assert [r.get("client") for r in global_rows] == [GLOBAL_MODEL, None]  # scored once, and its summary
+        (local,) = [r for r in rows if r["round"] == round_ and r["split"] == "local" and "client" not in r]
+        assert (local["clients"], local["clients_total"]) == (2, 3)
+
+
 # ------------------------------------------------------------------------------------------------- resume
 
 
@@ -550,11 +601,18 @@ def test_config_files_and_overrides(tmp_path):
         ("client=3", "client must be a table"),
         ("rounds.sub=3", "rounds must be an int"),
         ("rounds", "must look like key.sub=value"),
+        ("eval.fraction=0", r"eval.fraction must be in \(0, 1\]"),
+        ("eval.clients=0", "eval.clients must be at least 1"),
     ],
 )
 def test_config_errors_name_the_key(override, message):
     with pytest.raises(ValueError, match=message):
         build_config({}, [override])
+
+
+def test_eval_clients_and_fraction_are_alternatives():
+    with pytest.raises(ValueError, match="eval.clients=3 and eval.fraction=0.5 are alternatives"):
+        build_config({}, ["eval.clients=3", "eval.fraction=0.5"])
 
 
 def test_config_file_errors(tmp_path):

@@ -229,6 +229,31 @@ def test_in_memory_grid_gives_the_in_process_run(reference, make_config, serve_l
         assert_only_shared_tensors_on_the_wire(wire, roles)
 
 
+def scored(run_dir: Path) -> dict[int, dict[str, float]]:
+    """Round -> the local loss of each client scored in it."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    by_round: dict[int, dict[str, float]] = {}
+    for row in rows:
+        if row["split"] == "local" and "client" in row:
+            by_round.setdefault(row["round"], {})[row["client"]] = row["loss"]
+    return by_round
+
+
+def test_both_engines_score_the_same_sample_of_clients(make_config, serve_locally):
+    """One client of two trains a round and one is scored (every round, the same): the Flower nodes, reading their
+    states from their disks, and the in-process engine, reading them from the run directory, agree."""
+    overrides = ("eval.clients=1", "eval.every=1", "server.fraction=0.5", "rounds=3")
+    expected = train(make_config("in-process", *overrides), progress=False)
+    got = serve_locally(make_config("flower", *overrides), FlowerSettings(), PARTITIONS)
+    assert sorted(scored(got)) == sorted(scored(expected)) == [0, 1, 2, 3]
+    for round_, losses in scored(expected).items():
+        assert len(losses) == 1 and scored(got)[round_] == pytest.approx(losses, rel=1e-5)
+    assert len({client for losses in scored(expected).values() for client in losses}) == 1
+    got_tensors, expected_tensors = adapter_tensors(got), adapter_tensors(expected)
+    for name, value in expected_tensors.items():
+        torch.testing.assert_close(got_tensors[name], value, **TOLERANCE, msg=name)
+
+
 @pytest.mark.parametrize(
     "settings",
     [

@@ -182,19 +182,36 @@ class PrivacySettings:
 @dataclass
 class EvalSettings:
     """Evaluation after every ``every`` rounds (and after the last): loss, perplexity, and ROUGE-L of greedy
-    generations on a seeded sample of ``rouge_examples`` rows per split (0 disables ROUGE)."""
+    generations on a seeded sample of ``rouge_examples`` rows per split (0 disables ROUGE).
+
+    The global model is scored once on the global test set; of the clients, a seeded sample is scored on their own
+    test splits, drawn once per run so every round scores the same ones (comparable curves): ``clients`` of them
+    (all when the federation has fewer), or else ``fraction`` of them, ``max(1, round(fraction · N))`` (so at least
+    one); the default scores every client. Set one of the two (see :mod:`fedlora.federated.sampling`).
+    """
 
     every: int = 1
     batch_size: int = 8
     rouge_examples: int = 2
     max_new_tokens: int = 16
+    fraction: float = 1.0
+    clients: int | None = None
 
     rules = {
         "every": _at_least_one,
         "batch_size": _at_least_one,
         "rouge_examples": _non_negative,
         "max_new_tokens": _at_least_one,
+        "fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
+        "clients": _at_least_one,
     }
+
+    def check(self) -> None:
+        """Raise a ValueError naming the keys when both ``clients`` and ``fraction`` are set."""
+        if self.clients is not None and self.fraction != 1.0:
+            raise ValueError(
+                f"eval.clients={self.clients} and eval.fraction={self.fraction} are alternatives; set one of them"
+            )
 
 
 RUN_DATA = DataConfig(path=DOLLY_SAMPLE_ALIAS, num_clients=4, global_test_size=8, max_length=128, seed=None)
@@ -235,6 +252,7 @@ class RunConfig:
                 if value is not None and not check(value):
                     raise ValueError(f"{prefix}{name} must be {description}; got {value!r}")
         self.privacy.check(self.server)
+        self.eval.check()
         if self.data.seed is None:  # the data split follows the run's seed
             self.data = replace(self.data, seed=self.seed)
 

@@ -4,7 +4,9 @@
 ``"train"`` (training losses, ``num_examples`` and ``status``: ``ok``, ``rejected`` or ``failed``, the last two with a
 ``reason``; see :func:`train_rows`), ``"local"`` (the client's model on its own test split) or ``"global"`` (the
 global model, once a round, on the pooled global test set; its ``client`` is :data:`GLOBAL_MODEL`), and per-split summary rows ``{"round", "split", "clients",
-<metric>, <metric>_std}`` without a ``client`` key: the mean and population standard deviation over clients.
+<metric>, <metric>_std}`` without a ``client`` key: the mean and population standard deviation over the
+``clients`` scored; the ``local`` one also has ``clients_total``, the clients that could have been scored (the
+run scores a sample of them when ``eval.clients`` or ``eval.fraction`` says so).
 """
 
 from __future__ import annotations
@@ -60,14 +62,17 @@ def round_title(
     return f"{title} · {seconds:.1f} s"
 
 
-def summarize(round_: int, rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Mean and std over clients of each metric, one row per evaluation split present in ``rows``."""
+def summarize(round_: int, rows: Sequence[Mapping[str, Any]], population: int | None = None) -> list[dict[str, Any]]:
+    """Mean and std over clients of each metric, one row per evaluation split present in ``rows``; the ``local``
+    row's ``clients_total`` is ``population`` (the clients the scored ones were drawn from), when given."""
     summaries = []
     for split in EVAL_SPLITS:
         per_client = [row for row in rows if row["split"] == split]
         if not per_client:
             continue
         summary: dict[str, Any] = {"round": round_, "split": split, "clients": len(per_client)}
+        if split == "local" and population is not None:
+            summary["clients_total"] = population
         for metric in METRICS:
             values = [row[metric] for row in per_client if metric in row]
             if values:
@@ -78,12 +83,15 @@ def summarize(round_: int, rows: Sequence[Mapping[str, Any]]) -> list[dict[str, 
 
 
 def format_table(title: str, summaries: Sequence[Mapping[str, Any]]) -> str:
-    """A small fixed-width table: one line per split, ``mean ± std`` per metric."""
+    """A small fixed-width table: one line per split, ``mean ± std`` per metric, then ``(k of N clients)`` where
+    only a sample of the clients was scored."""
     metrics = [m for m in METRICS if any(m in s for s in summaries)]
     lines = [title, f"{'split':<8}" + "".join(f"{m:>22}" for m in metrics)]
     for summary in summaries:
         cells = "".join(f"{summary[m]:>12.4f} ± {summary[m + '_std']:<7.4f}" for m in metrics)
-        lines.append(f"{summary['split']:<8}{cells}")
+        total = summary.get("clients_total", summary["clients"])
+        sampled = f"  ({summary['clients']} of {total} clients)" if summary["clients"] < total else ""
+        lines.append(f"{summary['split']:<8}{cells}{sampled}")
     return "\n".join(lines)
 
 

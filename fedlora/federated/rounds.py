@@ -7,8 +7,9 @@ scored and printed, so each run shows its improvement; its rows are committed wi
    x_{t+1} = server_optimizer(x_t, Δ_t) (:meth:`Transport.train`);
 2. adds one ``train`` row per sampled client and, with differential privacy, the ε spent so far at δ;
 3. every ``eval.every`` rounds and after the last, scores the global model (x_{t+1} with the common personal
-   values: what ``global_adapter/`` holds) on the global test set once, and every client's model (x_{t+1} with its
-   personal tensors) on its own test split, and prints the round's table;
+   values: what ``global_adapter/`` holds) on the global test set once, and the model of each scored client
+   (x_{t+1} with its personal tensors) on its own test split, and prints the round's table; the scored clients are
+   one seeded sample drawn once per run (:func:`~fedlora.federated.sampling.eval_clients`; all by default);
 4. commits the round: the metrics rows, the plot, the trained clients' states (where the run directory keeps
    them) and the checkpoint (global tensors, server optimizer, each client's last round, RNG states);
 5. publishes ``global_adapter/``: the global model.
@@ -34,6 +35,7 @@ from fedlora.federated.client import ClientState, FederatedClient
 from fedlora.federated.config import RunConfig, save_config
 from fedlora.federated.message import FitRes, Rejection
 from fedlora.federated.report import format_table, plot_scores, privacy_rows, round_title, summarize, train_rows
+from fedlora.federated.sampling import eval_clients
 from fedlora.federated.server import FederatedServer
 from fedlora.federated.storage import (
     Checkpoint,
@@ -62,11 +64,13 @@ class RoundReplies:
 
 
 class Transport:
-    """How the driver reaches the clients; ``clients`` are the ids of those that train, in client order.
+    """How the driver reaches the clients; ``clients`` are the ids of those that train, in client order, and
+    :attr:`eval_clients` those that can be scored.
 
-    ``client_rounds`` maps each client to the last round it trained in (absent: never), as of the round before:
-    the state a client trains or is scored from. ``clients_keep_states``: the clients keep their own states (the
-    checkpoint then only records their rounds).
+    ``client_rounds`` maps each client to the last round it trained in (absent: never): as of the round before for
+    :meth:`train`, as of this round for :meth:`evaluate`; the state a client trains or is scored from, which the
+    transport reads (from the run directory, or its nodes' disks) when it needs it. ``clients_keep_states``: the
+    clients keep their own states (the checkpoint then only records their rounds).
     """
 
     clients: list[str]
@@ -76,17 +80,20 @@ class Transport:
         """Sample, train and aggregate round ``round_``: the server's global tensors become x_{t+1}."""
         raise NotImplementedError
 
-    def evaluate(self, round_: int, client_rounds: Mapping[str, int]) -> list[dict[str, Any]]:
-        """The global model's score on the global test set and every client's on its own test split, with the
-        server's global tensors: ``{"split", "client", <metric>: value}`` rows."""
+    @property
+    def eval_clients(self) -> list[str]:
+        """The ids of the clients that can be scored on their own test split, in client order: those that train."""
+        return self.clients
+
+    def evaluate(self, round_: int, client_rounds: Mapping[str, int], clients: Sequence[str]) -> list[dict[str, Any]]:
+        """The global model's score on the global test set and that of each of ``clients`` (among
+        :attr:`eval_clients`) on its own test split, with the server's global tensors: ``{"split", "client",
+        <metric>: value}`` rows."""
         raise NotImplementedError
 
     def trained_states(self, results: Sequence[FitRes]) -> list[ClientState]:
         """The states of the clients that sent ``results``, for the run directory to keep (none: they keep them)."""
         return []
-
-    def restore(self, checkpoint: Checkpoint, run_dir: RunDir) -> None:
-        """Give the clients their states as of ``checkpoint`` (nothing to do where they keep them)."""
 
 
 def run_rounds(
@@ -116,18 +123,22 @@ def run_rounds(
     if checkpoint is not None:
         server.global_tensors = checkpoint.global_tensors
         server.optimizer.load_state_dict(checkpoint.server_optimizer)
-        transport.restore(checkpoint, run_dir)
         set_rng_state(checkpoint.rng)
         client_rounds = dict(checkpoint.client_rounds)
     publish_adapter(client, server.global_tensors, run_dir)  # also repairs one a crash left stale
     plot_scores(run_dir.read_metrics(), run_dir.inside(run_dir.plot))
     start = checkpoint.round if checkpoint else 0
-    tqdm.write(f"{heading}, rounds {start + 1}..{config.rounds}, run dir {run_dir.path}")
+    scored = eval_clients(config.eval, config.seed, transport.eval_clients)
+    population = len(transport.eval_clients)
+    tqdm.write(
+        f"{heading}, rounds {start + 1}..{config.rounds}, scoring {len(scored)} of {population} clients, "
+        f"run dir {run_dir.path}"
+    )
     rows = []
     if start == 0:
         started = time.perf_counter()
-        scores = transport.evaluate(0, client_rounds)
-        summaries = summarize(0, scores)
+        scores = transport.evaluate(0, client_rounds, scored)
+        summaries = summarize(0, scores, population)
         title = f"round 0/{config.rounds} · {config.strategy} · initial adapter · {time.perf_counter() - started:.1f} s"
         tqdm.write(format_table(title, summaries))
         rows = with_round(0, scores) + summaries
@@ -142,8 +153,8 @@ def run_rounds(
         rows += privacy_rows(round_, epsilon, config.privacy.delta)
         evaluated = round_ % config.eval.every == 0 or round_ == config.rounds
         if evaluated:
-            scores = transport.evaluate(round_, client_rounds)
-            summaries = summarize(round_, scores)
+            scores = transport.evaluate(round_, client_rounds, scored)
+            summaries = summarize(round_, scores, population)
             rows += with_round(round_, scores) + summaries
             seconds = time.perf_counter() - started
             title = round_title(round_, rows, config.rounds, config.strategy, replies.sampled, seconds)

@@ -4,8 +4,9 @@
 the strategy's adapter (:func:`build_federation`) and hands the rounds to the round driver
 (:func:`~fedlora.federated.rounds.run_rounds`) with :class:`InProcess` as its transport: a sampled client loads
 the global shared tensors and its personal state, trains, and returns a :class:`~fedlora.federated.message.FitRes`
-(:func:`fit_clients`); the global model is scored once on the pooled global test set and every client's model on
-its own test split (:func:`evaluate_round`); the run directory keeps the clients' states. :func:`evaluate_run`
+(:func:`fit_clients`); the global model is scored once on the pooled global test set and each scored client's model
+on its own test split (:func:`evaluate_round`). Only the clients of the current round are in memory: the run directory
+keeps every client's state, read when the client trains or is scored (:func:`load_state`). :func:`evaluate_run`
 re-scores a saved run.
 
 Determinism: the data split, the adapter initialisation, client sampling (seed, round) and each client's data
@@ -26,7 +27,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from fedlora.data import FederatedData, build_federated_data
+from fedlora.data import ClientData, FederatedData, build_federated_data
 from fedlora.federated.build import build_client
 from fedlora.federated.checks import check_device, check_eval_overrides
 from fedlora.federated.client import ClientState, FederatedClient
@@ -35,8 +36,9 @@ from fedlora.federated.message import FitIns, FitRes, Rejection
 from fedlora.federated.report import GLOBAL_MODEL, format_table, summarize
 from fedlora.federated.rounds import RoundReplies, Transport, run_rounds, with_round
 from fedlora.federated.rundir import open_run
+from fedlora.federated.sampling import eval_clients
 from fedlora.federated.server import FederatedServer
-from fedlora.federated.storage import Checkpoint, RunDir, atomic_write, recover_dir
+from fedlora.federated.storage import RunDir, atomic_write, recover_dir
 from fedlora.federated.strategy import FederatedStrategy
 
 logger = logging.getLogger(__name__)
@@ -72,7 +74,7 @@ def train(
     fed = build_federation(config, adapter_dir=adapter_dir, model=model, tokenizer=tokenizer, progress=progress)
     config = replace(config, data=replace(config.data, prompt_format=fed.data.prompt_format))  # as resolved
     server = FederatedServer(fed.app.snapshot(fed.app.names["shared"]), config.server, config.seed, config.privacy)
-    transport = InProcess(fed, server, progress)
+    transport = InProcess(fed, server, run_dir, progress)
     sizes = [data.num_train_examples for data in fed.data.clients]
     heading = (
         f"fedlora {config.strategy}: {len(sizes)} clients (train sizes {sizes}, global test "
@@ -82,33 +84,47 @@ def train(
 
 
 class InProcess(Transport):
-    """The clients of ``fed``, trained one after another on its one model; the run directory keeps their states
-    (the strategy's :meth:`~fedlora.federated.strategy.FederatedStrategy.training_clients` train; every client is
-    scored)."""
+    """The clients of ``fed``, trained one after another on its one model (the strategy's
+    :meth:`~fedlora.federated.strategy.FederatedStrategy.training_clients` train; every client of the data can be
+    scored).
 
-    def __init__(self, fed: Federation, server: FederatedServer, progress: bool = True) -> None:
-        self.fed, self.server, self.progress = fed, server, progress
-        self.eval_states = {data.client_id: fed.app.new_state(data) for data in fed.data.clients}
-        trainers = fed.strategy.training_clients(fed.data.clients)
-        self.train_states = {
-            data.client_id: self.eval_states.get(data.client_id) or fed.app.new_state(data) for data in trainers
-        }
-        self.clients = list(self.train_states)
+    Memory holds the clients' data and, during a round, the states of that round's sampled clients: a client's state
+    is read from ``run_dir`` (or is the initial one) when it trains or is scored, and the states trained in a round
+    are dropped once the next round starts, after the round driver has committed them to ``run_dir``.
+    """
+
+    def __init__(self, fed: Federation, server: FederatedServer, run_dir: RunDir, progress: bool = True) -> None:
+        self.fed, self.server, self.run_dir, self.progress = fed, server, run_dir, progress
+        self.train_data = {data.client_id: data for data in fed.strategy.training_clients(fed.data.clients)}
+        self.clients = list(self.train_data)
+        self.eval_data = {data.client_id: data for data in fed.data.clients}
+        self.trained: dict[str, ClientState] = {}  # this round's, until the next round: not yet in run_dir
 
     def train(self, round_: int, client_rounds: Mapping[str, int]) -> RoundReplies:
+        self.trained = {}
         sampled = self.server.sample(round_, self.clients)
-        states = [self.train_states[client_id] for client_id in sampled]
+        states = [self._state(self.train_data[client_id], client_rounds) for client_id in sampled]
         results, failures = fit_clients(self.fed.app, states, self.server.fit_ins(round_))
+        by_id = {state.client_id: state for state in states}
+        self.trained = {result.client_id: by_id[result.client_id] for result in results}  # not the failed ones
         return RoundReplies(results, self.server.aggregate(results, round_, failures=failures), failures)
 
-    def evaluate(self, round_: int, client_rounds: Mapping[str, int]) -> list[dict[str, Any]]:
-        return evaluate_round(self.fed, self.eval_states.values(), self.server.global_tensors, self.progress)
+    @property
+    def eval_clients(self) -> list[str]:
+        return list(self.eval_data)
+
+    def evaluate(self, round_: int, client_rounds: Mapping[str, int], clients: Sequence[str]) -> list[dict[str, Any]]:
+        states = (self._state(self.eval_data[client_id], client_rounds) for client_id in clients)
+        return evaluate_round(self.fed, states, self.server.global_tensors, self.progress, len(clients))
 
     def trained_states(self, results: Sequence[FitRes]) -> list[ClientState]:
-        return [self.train_states[result.client_id] for result in results]  # not the failed ones
+        return [self.trained[result.client_id] for result in results]
 
-    def restore(self, checkpoint: Checkpoint, run_dir: RunDir) -> None:
-        _load_clients(checkpoint, self.train_states.values(), run_dir)
+    def _state(self, data: ClientData, client_rounds: Mapping[str, int]) -> ClientState:
+        """The client's state as of ``client_rounds``: trained this round (held), else as ``run_dir`` keeps it."""
+        if data.client_id in self.trained:
+            return self.trained[data.client_id]
+        return load_state(self.fed.app, data, self.run_dir, client_rounds.get(data.client_id, 0))
 
 
 def fit_clients(
@@ -139,8 +155,8 @@ def evaluate_run(
     tokenizer: PreTrainedTokenizerBase | None = None,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Re-score a saved run: its newest intact checkpoint's global tensors plus each client's personal tensors as
-    of it, as during training.
+    """Re-score a saved run: its newest intact checkpoint's global tensors plus the personal tensors as of it of
+    each client the run scores (:func:`~fedlora.federated.sampling.eval_clients`), as during training.
 
     ``overrides`` (``key=value``) adjust the saved configuration, e.g. ``eval.rouge_examples=20``. The rows
     (per client and summaries) are printed as a table, written to ``<run_dir>/eval.jsonl`` and returned.
@@ -155,13 +171,14 @@ def evaluate_run(
     checkpoint = run.load_checkpoint()  # before the model loads
     recover_dir(run.inside(run.global_adapter))
     fed = build_federation(config, adapter_dir=run.global_adapter, model=model, tokenizer=tokenizer, progress=progress)
-    states = [fed.app.new_state(data) for data in fed.data.clients]
-    if checkpoint is not None:
-        _load_clients(checkpoint, states, run)
+    client_rounds = checkpoint.client_rounds if checkpoint else {}
+    scored = set(eval_clients(config.eval, config.seed, [data.client_id for data in fed.data.clients]))
+    clients = [data for data in fed.data.clients if data.client_id in scored]
+    states = (load_state(fed.app, data, run, client_rounds.get(data.client_id, 0)) for data in clients)
     shared = checkpoint.global_tensors if checkpoint else fed.app.snapshot(fed.app.names["shared"])
     round_ = checkpoint.round if checkpoint else 0
-    scores = evaluate_round(fed, states, shared, progress)
-    summaries = summarize(round_, scores)
+    scores = evaluate_round(fed, states, shared, progress, len(clients))
+    summaries = summarize(round_, scores, len(fed.data.clients))
     rows = with_round(round_, scores) + summaries
     atomic_write(
         run.inside(run.path / "eval.jsonl"), lambda tmp: tmp.write_text("".join(f"{json.dumps(row)}\n" for row in rows))
@@ -171,14 +188,19 @@ def evaluate_run(
 
 
 def evaluate_round(
-    fed: Federation, states: Iterable[ClientState], shared: Mapping[str, Tensor], progress: bool = True
+    fed: Federation,
+    states: Iterable[ClientState],
+    shared: Mapping[str, Tensor],
+    progress: bool = True,
+    total: int | None = None,
 ) -> list[dict[str, Any]]:
     """The round's scores: **global**, the global model (``shared`` with the common personal values) on the pooled
     global test set, once (client :data:`GLOBAL_MODEL`); **local**, each client's model (``shared`` with its
-    personal tensors) on its own test split."""
+    personal tensors) on its own test split. ``states`` is consumed one at a time (it may load each on demand);
+    ``total`` is their number, for the progress bar."""
     (global_scores,) = fed.app.evaluate(None, shared, {"global": fed.data.global_test}).values()
     rows = [{"split": "global", "client": GLOBAL_MODEL, **global_scores}]
-    for state in tqdm(list(states), desc="evaluating", leave=False, disable=not progress):
+    for state in tqdm(states, total=total, desc="evaluating", leave=False, disable=not progress):
         (local,) = fed.app.evaluate(state, shared, {"local": state.data.test}).values()
         rows.append({"split": "local", "client": state.client_id, **local})
     return rows
@@ -200,11 +222,12 @@ def build_federation(
     return Federation(app.strategy, app.model, app.tokenizer, data, app)
 
 
-def _load_clients(checkpoint: Checkpoint, states: Iterable[ClientState], run_dir: RunDir) -> None:
-    """Give each client its personal tensors and local optimizer state as of ``checkpoint`` (one that had not
-    trained by then keeps its initial state)."""
-    for state in states:
-        last_round = checkpoint.client_rounds.get(state.client_id, 0)
-        if last_round:
-            state.personal, state.optimizer_state = run_dir.load_client(state.client_id, last_round)
-            state.last_round = last_round
+def load_state(app: FederatedClient, data: ClientData, run_dir: RunDir, last_round: int) -> ClientState:
+    """``data``'s client as of ``last_round``, the last round it trained in: its initial state (0: it never trained,
+    so its personal tensors have their common values) or its personal tensors and local optimizer state as
+    ``run_dir`` keeps them (verified against their digests)."""
+    state = app.new_state(data)
+    if last_round:
+        state.personal, state.optimizer_state = run_dir.load_client(data.client_id, last_round)
+        state.last_round = last_round
+    return state

@@ -46,7 +46,8 @@ class FedLoraStrategy(Strategy):
 
     ``nodes`` maps client ids to node ids, in client order. Every message names the round of the state its client
     starts from, ``client_rounds[client]`` (0: its initial state), which the caller sets before each
-    ``configure_*``. After each ``aggregate_train`` / ``aggregate_evaluate``, ``replies`` holds the round's
+    ``configure_*``, and ``eval_clients`` (the clients to score) before ``configure_evaluate``. After each
+    ``aggregate_train`` / ``aggregate_evaluate``, ``replies`` holds the round's
     :class:`~fedlora.federated.rounds.RoundReplies` and ``scores`` the per-client evaluation rows
     (``{"split", "client", <metric>: value}``, as the in-process engine writes them): Flower's strategy API returns
     only records.
@@ -57,6 +58,7 @@ class FedLoraStrategy(Strategy):
         self.nodes = dict(nodes)
         self.clients = {node_id: client_id for client_id, node_id in nodes.items()}
         self.client_rounds: Mapping[str, int] = {}
+        self.eval_clients: list[str] = list(nodes)
         self.replies = RoundReplies([], [], [])
         self.scores: list[dict[str, Any]] = []
         self._sent: list[Message] = []
@@ -98,9 +100,9 @@ class FedLoraStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """One evaluate message (the global shared tensors and the round) per client; the first client's also asks
-        for the global model's score on the global test set (once a round)."""
-        return self._messages(MessageType.EVALUATE, server_round, arrays, config, list(self.nodes), score_global=True)
+        """One evaluate message (the global shared tensors and the round) per client of ``eval_clients``; the first
+        one's also asks for the global model's score on the global test set (once a round)."""
+        return self._messages(MessageType.EVALUATE, server_round, arrays, config, self.eval_clients, score_global=True)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Collect the scores of every client that replied (the others are logged); returns the means over them

@@ -1,15 +1,15 @@
 """The round driver's transport on Flower: messages to the SuperNodes through the ServerApp's :class:`Grid`.
 
 :class:`FlowerTransport` trains a round with the (possibly DP-wrapped) Flower strategy: ``configure_train``, then
-Flower's ``Grid.send_and_receive``, then ``aggregate_train``; it scores the clients with ``configure_evaluate``
-and ``aggregate_evaluate`` the same way. The SuperNodes keep their clients' states (see
+Flower's ``Grid.send_and_receive``, then ``aggregate_train``; it scores the clients the round driver drew with
+``configure_evaluate`` and ``aggregate_evaluate`` the same way. The SuperNodes keep their clients' states (see
 :mod:`fedlora.flower.node`): every message names the round of the state to start from.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
@@ -48,8 +48,9 @@ class FlowerTransport(Transport):
         self.server.global_tensors = to_tensors(aggregated)  # as a DP wrapper left them
         return self.fedlora.replies
 
-    def evaluate(self, round_: int, client_rounds: Mapping[str, int]) -> list[dict[str, Any]]:
+    def evaluate(self, round_: int, client_rounds: Mapping[str, int], clients: Sequence[str]) -> list[dict[str, Any]]:
         self.fedlora.client_rounds = dict(client_rounds)
+        self.fedlora.eval_clients = list(clients)
         arrays = to_record(self.server.global_tensors)
         messages = self.strategy.configure_evaluate(round_, arrays, ConfigRecord(), self.grid)
         self.strategy.aggregate_evaluate(round_, self._send(messages))
