@@ -39,11 +39,11 @@ ENGINES = {
 # Errors by "module:class", matched only once their module is loaded (an error of a module never imported cannot
 # have been raised): a round that failed (the run directory holds those before it), and the expected errors.
 ROUND_ERRORS = (
-    "fedlora.federated.storage:CommitError",
+    "fedlora.federated.rundir.storage:CommitError",
     "fedlora.federated.server:RoundError",
     "fedlora.flower.launch:FlowerRunError",
 )
-EXPECTED_ERRORS = ("builtins:ValueError", "builtins:OSError", "fedlora.federated.storage:CheckpointError")
+EXPECTED_ERRORS = ("builtins:ValueError", "builtins:OSError", "fedlora.federated.rundir.storage:CheckpointError")
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 
@@ -181,7 +181,7 @@ def _loaded(names: Sequence[str]) -> tuple[type[BaseException], ...]:
 
 def _train(args: argparse.Namespace) -> int:
     from fedlora.federated.config import load_config
-    from fedlora.federated.rundir import default_output_dir
+    from fedlora.federated.rundir.opening import default_output_dir
 
     flags = {
         key: getattr(args, _dest(flag)) for flag, key in TRAIN_FLAGS.items() if getattr(args, _dest(flag)) is not None
@@ -221,7 +221,7 @@ def _dry_run(config: RunConfig, resume: bool) -> int:
     import yaml
 
     from fedlora.data.federated import data_path_kind
-    from fedlora.federated.rundir import check_run_dir
+    from fedlora.federated.rundir.opening import check_run_dir
     from fedlora.models import model_kind
 
     config = check_run_dir(config, resume)
@@ -295,7 +295,7 @@ def _resume_advice(args: argparse.Namespace) -> str:
     again (nothing to resume)."""
     if args.command != "train":
         return ""
-    from fedlora.federated.storage import RunDir
+    from fedlora.federated.rundir.storage import RunDir
 
     if args.run_dir_known is not None and RunDir(args.run_dir_known).config.is_file():
         engine = " --engine flower" if args.engine == "flower" else ""

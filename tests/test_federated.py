@@ -26,13 +26,13 @@ from fedlora.federated import (
     build_config,
     evaluate_run,
     load_config,
-    storage,
     train,
     weighted_average,
 )
 from fedlora.federated.config import ServerSettings
 from fedlora.federated.report import GLOBAL_MODEL
 from fedlora.federated.run import build_federation
+from fedlora.federated.rundir import storage
 from tests.tiny import tiny_llama, tiny_tokenizer
 
 LABELS = ("open_qa", "summarization", "brainstorming", "classification")

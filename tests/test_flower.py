@@ -36,7 +36,7 @@ from fedlora.data.samples import DOLLY_SAMPLE
 from fedlora.federated import FederatedClient, RunConfig, build_config, train
 from fedlora.federated.build import build_client
 from fedlora.federated.report import GLOBAL_MODEL
-from fedlora.federated.storage import RunDir
+from fedlora.federated.rundir.storage import RunDir
 from fedlora.flower import FlowerSettings, write_app
 from fedlora.flower.client_app import app as client_app
 from fedlora.flower.config import app_run_config, from_run_config, to_run_config

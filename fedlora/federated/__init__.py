@@ -8,10 +8,10 @@ files and overrides into it), :mod:`~fedlora.federated.strategy` (which tensors 
 :mod:`~fedlora.federated.message` (what crosses the wire), :mod:`~fedlora.federated.client` (local training and
 evaluation), :mod:`~fedlora.federated.server` (sampling and aggregation, update checks),
 :mod:`~fedlora.federated.aggregation` (weighted, median and trimmed-mean aggregation, clipping, server
-optimizers), :mod:`~fedlora.federated.privacy` (DP-FedAvg and its ε), :mod:`~fedlora.federated.rundir` (opening a
-run directory: checks, resume), :mod:`~fedlora.federated.storage` (run directory, atomic checkpoints, client
-states), :mod:`~fedlora.federated.paths` (its path policy), :mod:`~fedlora.federated.checks` (settings checked
-before anything is written) and :mod:`~fedlora.federated.report` (metrics, table, plot). The Flower engine is
+optimizers), :mod:`~fedlora.federated.privacy` (DP-FedAvg and its ε), :mod:`~fedlora.federated.rundir` (the run
+directory: opening and resuming it, its layout, crash-safe writes and path policy, ``global_adapter/``),
+:mod:`~fedlora.federated.checks` (settings checked against the machine before anything is written) and
+:mod:`~fedlora.federated.report` (metrics, table, plot). The Flower engine is
 :mod:`fedlora.flower`.
 """
 

@@ -34,9 +34,9 @@ from fedlora.federated.config import RunConfig, load_run_config
 from fedlora.federated.message import FitIns, FitRes, Rejection
 from fedlora.federated.report import GLOBAL_MODEL, format_table, summarize
 from fedlora.federated.rounds import RoundReplies, Transport, run_rounds, with_round
-from fedlora.federated.rundir import open_run
+from fedlora.federated.rundir.opening import open_run
+from fedlora.federated.rundir.storage import Checkpoint, RunDir, atomic_write, recover_dir
 from fedlora.federated.server import FederatedServer
-from fedlora.federated.storage import Checkpoint, RunDir, atomic_write, recover_dir
 from fedlora.federated.strategy import FederatedStrategy
 
 logger = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fedlora.federated.config import RunConfig, build_config, config_leaves
-from fedlora.federated.rundir import check_run_dir, default_output_dir
+from fedlora.federated.rundir.opening import check_run_dir, default_output_dir
 
 PRIVACY_MODES = ("none", "server-fixed", "client-fixed", "local")
 CENTRAL_DP = ("server-fixed", "client-fixed")

@@ -20,7 +20,7 @@ from fedlora.data import resolve_prompt_format
 from fedlora.federated.build import build_client
 from fedlora.federated.config import RunConfig
 from fedlora.federated.rounds import run_rounds
-from fedlora.federated.rundir import open_run
+from fedlora.federated.rundir.opening import open_run
 from fedlora.federated.server import FederatedServer
 from fedlora.federated.strategy import STRATEGIES
 from fedlora.flower.config import FlowerSettings, from_run_config, run_output_dir
