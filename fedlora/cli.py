@@ -237,18 +237,21 @@ def _dry_run(config: RunConfig, resume: bool) -> int:
 
 
 def _train_on_flower(config: RunConfig, args: argparse.Namespace, flower_sets: Sequence[str]) -> None:
-    """``config`` on Flower: checked here first (nothing is started for a bad run directory), then on the SuperLink
-    at ``--superlink`` or on a local one with one SuperNode per client."""
+    """``config`` on Flower: on the SuperLink at ``--superlink`` (whose ServerApp checks the run directory, on its
+    machine), or on a local one with one SuperNode per client, the run directory checked here first (nothing is
+    started for a bad one)."""
+    from fedlora.federated.checks import check_engine
+    from fedlora.federated.rundir.opening import absolute_output_dir, check_run_dir
     from fedlora.flower import FlowerSettings, local_federation, run_flower  # flwr takes seconds to import
-    from fedlora.flower.config import run_output_dir
 
     values = dict(item.partition("=")[::2] for item in flower_sets)
     settings = FlowerSettings.from_run_config({**values, "resume": args.resume})
-    config = run_output_dir(config, args.resume)
+    check_engine(config, "flower")
     stream = not args.no_progress
     if args.superlink is not None:
         run_flower(config, args.superlink, settings=settings, stream=stream)
         return
+    config = check_run_dir(absolute_output_dir(config), args.resume)
     with local_federation(config, stream=stream) as superlink:
         run_flower(config, superlink, settings=settings, stream=stream)
 

@@ -322,6 +322,22 @@ def test_node_with_its_own_data_file(make_config, data_file, tmp_path):
         load_node(config, {})
 
 
+def test_a_remote_superlink_checks_the_run_directory_on_its_machine(monkeypatch, tmp_path):
+    """With ``--superlink`` the run directory (and the device) lie on the SuperLink's machine: the launcher sends the
+    path as given and checks neither; a local federation refuses the same non-empty directory before starting."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs/taken").mkdir(parents=True)
+    (tmp_path / "runs/taken/file").write_text("not empty here")
+    sent = []
+    monkeypatch.setattr("fedlora.flower.run_flower", lambda config, superlink, **kwargs: sent.append(config))
+    monkeypatch.setattr("fedlora.flower.local_federation", lambda *args, **kwargs: pytest.fail("started"))
+    argv = ["train", "--engine", "flower", "--output-dir", "runs/taken", "--no-progress"]
+    assert main([*argv, "--superlink", "superlink.example:9093", "--device", "cuda:99"]) == 0
+    assert [config.output_dir for config in sent] == ["runs/taken"]
+    with pytest.raises(SystemExit, match="2"):
+        main(argv)
+
+
 def test_run_config_round_trip_and_app(make_config, tmp_path):
     config, settings = make_config("run"), FlowerSettings(min_nodes=3, dp="local", dp_epsilon=2)
     run_config = to_run_config(config, settings)

@@ -374,7 +374,7 @@ def test_ctrl_c_before_anything_is_written_says_there_is_nothing_to_resume(model
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("fedlora.federated.run.build_federation", interrupted)
+    monkeypatch.setattr("fedlora.federated.session.build_client", interrupted)
     assert main(train_argv(model_dir, sandbox / "rows.jsonl", sandbox / "run")) == 130
     err = capsys.readouterr().err
     assert "fedlora: interrupted; no run directory was written, so there is nothing to resume" in err

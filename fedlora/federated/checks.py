@@ -4,11 +4,15 @@ flag. :mod:`fedlora.federated.config` checks each value on its own (types, range
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
 from fedlora.federated.config import RunConfig, config_differences
+from fedlora.federated.strategy import STRATEGIES
 
 EVAL_FIXED_KEYS = ("data.", "seed")  # what `fedlora eval --set` may not change: the data split it scores
+Engine = Literal["in-process", "flower"]
 
 
 def check_device(device: str) -> None:
@@ -30,6 +34,13 @@ def check_device(device: str) -> None:
         torch.zeros(1, device=parsed)
     except Exception as error:  # a backend torch knows but this build or machine lacks
         raise ValueError(f"device (--device) {device!r} is not usable here: {error}") from None
+
+
+def check_engine(config: RunConfig, engine: Engine) -> None:
+    """What ``engine`` needs of the run: on Flower every client trains on its own node, so a strategy that pools
+    the clients' data into one cannot run there."""
+    if engine == "flower" and not STRATEGIES[config.strategy].trains_each_client:
+        raise ValueError(f"strategy {config.strategy!r} trains one pooled client and cannot run on Flower")
 
 
 def check_settings(config: RunConfig) -> None:

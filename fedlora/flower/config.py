@@ -14,12 +14,10 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
-from pathlib import Path
+from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 from fedlora.federated.config import RunConfig, build_config, config_leaves
-from fedlora.federated.rundir.opening import check_run_dir, default_output_dir
 
 PRIVACY_MODES = ("none", "server-fixed", "client-fixed", "local")
 CENTRAL_DP = ("server-fixed", "client-fixed")
@@ -116,13 +114,6 @@ def from_run_config(run_config: Mapping[str, Any]) -> tuple[RunConfig, FlowerSet
 def app_run_config() -> dict[str, Any]:
     """The defaults of the Flower app's ``[tool.flwr.app.config]``: every key ``--run-config`` may override."""
     return to_run_config(RunConfig(), FlowerSettings())
-
-
-def run_output_dir(config: RunConfig, resume: bool) -> RunConfig:
-    """``config`` with an absolute ``output_dir`` (a new timestamped one if unset) that the run can use (see
-    :func:`~fedlora.federated.rundir.check_run_dir`)."""
-    path = Path(config.output_dir or default_output_dir(config)).absolute()
-    return check_run_dir(replace(config, output_dir=str(path)), resume)
 
 
 def toml_value(value: Any) -> str:

@@ -33,6 +33,12 @@ def default_output_dir(config: RunConfig) -> Path:
     return Path("runs") / f"{config.strategy}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def absolute_output_dir(config: RunConfig) -> RunConfig:
+    """``config`` with an absolute ``output_dir`` on this machine (:func:`default_output_dir` if unset): what
+    Flower's processes name the run by."""
+    return replace(config, output_dir=str(Path(config.output_dir or default_output_dir(config)).absolute()))
+
+
 def open_run(config: RunConfig, resume: bool) -> tuple[RunConfig, RunDir, Checkpoint | None]:
     """Check the run directory (:func:`check_run_dir`), and on ``resume`` recover it; returns the config with its
     ``output_dir`` filled in, the run directory and the checkpoint to continue from (None: round 1 is next)."""
