@@ -550,7 +550,7 @@ def test_config_files_and_overrides(tmp_path):
         ("client.lr=-1", "client.lr must be positive"),
         ("client.lr=fast", "client.lr must be a float"),
         ("server.fraction=1.5", r"server.fraction must be in \(0, 1\]"),
-        ("strategy=fedprox", "strategy: unknown strategy 'fedprox'"),
+        ("strategy=fedprox", "strategy must be one of .*; got 'fedprox'"),
         ("server.optimizer=sgd", "server.optimizer must be one of"),
         ("client.order=random", "client.order must be one of"),
         ("model.dtype=float33", "model.dtype must be a torch dtype name"),

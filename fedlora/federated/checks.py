@@ -8,7 +8,7 @@ from typing import Literal
 
 import torch
 
-from fedlora.federated.config import RunConfig, config_differences
+from fedlora.federated.config import FLOWER_MECHANISMS, RunConfig, config_differences
 from fedlora.federated.strategy import STRATEGIES
 
 EVAL_FIXED_KEYS = ("data.", "seed")  # what `fedlora eval --set` may not change: the data split it scores
@@ -38,9 +38,14 @@ def check_device(device: str) -> None:
 
 def check_engine(config: RunConfig, engine: Engine) -> None:
     """What ``engine`` needs of the run: on Flower every client trains on its own node, so a strategy that pools
-    the clients' data into one cannot run there."""
+    the clients' data into one cannot run there; Flower's DP mechanisms (``privacy.mechanism``) run only there."""
     if engine == "flower" and not STRATEGIES[config.strategy].trains_each_client:
         raise ValueError(f"strategy {config.strategy!r} trains one pooled client and cannot run on Flower")
+    if engine == "in-process" and config.privacy.mechanism in FLOWER_MECHANISMS:
+        raise ValueError(
+            f"privacy.mechanism={config.privacy.mechanism} is Flower's; it needs --engine flower (the in-process "
+            "engine has dp-fedavg)"
+        )
 
 
 def check_settings(config: RunConfig) -> None:

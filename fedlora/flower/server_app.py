@@ -3,7 +3,7 @@
 :func:`serve` opens the run as the in-process engine does (:func:`~fedlora.federated.session.open_session`: a
 fresh run, or with ``resume`` its newest intact checkpoint), waits for the SuperNodes, asks each for its client id, and hands the rounds to
 :func:`fedlora.federated.rounds.run_rounds` with a :class:`~fedlora.flower.transport.FlowerTransport`:
-:class:`~fedlora.flower.strategy.FedLoraStrategy` (optionally wrapped by a Flower DP wrapper) samples and
+:class:`~fedlora.flower.strategy.FedLoraStrategy` (wrapped by Flower's DP wrapper when ``privacy.mechanism`` names one) samples and
 aggregates. The run directory on the SuperLink's machine gets what the in-process engine writes there except the
 client states, which the SuperNodes keep on their disks; its checkpoint records each client's last round.
 """
@@ -19,7 +19,7 @@ from fedlora.federated.config import RunConfig
 from fedlora.federated.rundir.opening import absolute_output_dir
 from fedlora.federated.session import open_session
 from fedlora.flower.config import FlowerSettings, from_run_config
-from fedlora.flower.strategy import FedLoraStrategy, check_privacy, with_privacy
+from fedlora.flower.strategy import FedLoraStrategy, with_privacy
 from fedlora.flower.transport import FlowerTransport, identify, wait_for_nodes
 
 app = ServerApp()
@@ -34,13 +34,12 @@ def main(grid: Grid, context: Context) -> None:
 def serve(grid: Grid, config: RunConfig, settings: FlowerSettings) -> Path:
     """Run (with ``settings.resume``, continue) the federation described by ``config`` on ``grid``'s SuperNodes;
     returns the run directory (``output_dir``, made absolute on this machine)."""
-    check_privacy(config, settings)
     session = open_session(absolute_output_dir(config), settings.resume, "flower", progress=False)
     config, server = session.config, session.server
     node_ids = wait_for_nodes(grid, settings.min_nodes_for(config), settings.node_timeout)
     nodes = identify(grid, node_ids, settings.round_timeout)
     fedlora = FedLoraStrategy(server, nodes)
-    strategy = with_privacy(fedlora, settings, len(server.sample(1, list(nodes))))
+    strategy = with_privacy(fedlora, config.privacy, len(server.sample(1, list(nodes))))
     strategy.summary()
     transport = FlowerTransport(grid, fedlora, strategy, server, settings.round_timeout)
     return session.run(transport, heading=f"fedlora {config.strategy} on Flower: clients {list(nodes)}", progress=False)
