@@ -42,7 +42,7 @@ class FlowerRunError(RuntimeError):
 _APP_PYPROJECT = """\
 # The fedlora Flower app: `flwr run <this directory> <superlink connection> --run-config ...`.
 # Every fedlora setting is a key, named as in `fedlora train --set`, e.g. --run-config "rounds=3 client.local_lr=0.01";
-# the kebab-case keys are fedlora.flower.config.FlowerSettings (SuperNodes to wait for, timeouts, resume, DP).
+# the kebab-case keys are fedlora.flower.config.FlowerSettings (SuperNodes to wait for, timeouts, resume).
 [build-system]
 requires = ["hatchling"]
 build-backend = "hatchling.build"
