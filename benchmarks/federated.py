@@ -109,7 +109,7 @@ from fedlora.data.federated import DOLLY_SAMPLE_ALIAS
 from fedlora.data.samples import DOLLY_SAMPLE
 from fedlora.federated import build_config, train
 from fedlora.federated.report import EVAL_SPLITS, METRICS
-from fedlora.federated.storage import RunDir
+from fedlora.federated.rundir.storage import RunDir
 
 TARGET_MODULES = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 PROJECTIONS = [f"self_attn.{name}" for name in ("q_proj", "k_proj", "v_proj", "o_proj")]

@@ -125,7 +125,7 @@ def run_child(settings: Sequence[str]) -> dict[str, Any]:
     import torch
 
     from fedlora.federated import build_config, train
-    from fedlora.federated.storage import RunDir
+    from fedlora.federated.rundir.storage import RunDir
     from tests.tiny import tiny_llama, tiny_tokenizer
 
     torch.set_num_threads(1)

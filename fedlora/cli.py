@@ -44,11 +44,11 @@ ENGINES = {
 # Errors by "module:class", matched only once their module is loaded (an error of a module never imported cannot
 # have been raised): a round that failed (the run directory holds those before it), and the expected errors.
 ROUND_ERRORS = (
-    "fedlora.federated.storage:CommitError",
+    "fedlora.federated.rundir.storage:CommitError",
     "fedlora.federated.server:RoundError",
     "fedlora.flower.launch:FlowerRunError",
 )
-EXPECTED_ERRORS = ("builtins:ValueError", "builtins:OSError", "fedlora.federated.storage:CheckpointError")
+EXPECTED_ERRORS = ("builtins:ValueError", "builtins:OSError", "fedlora.federated.rundir.storage:CheckpointError")
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 
@@ -224,7 +224,7 @@ def _loaded(names: Sequence[str]) -> tuple[type[BaseException], ...]:
 
 def _train(args: argparse.Namespace) -> int:
     from fedlora.federated.config import load_config
-    from fedlora.federated.rundir import default_output_dir
+    from fedlora.federated.rundir.opening import default_output_dir
 
     flags = {
         key: getattr(args, _dest(flag)) for flag, key in TRAIN_FLAGS.items() if getattr(args, _dest(flag)) is not None
@@ -263,7 +263,7 @@ def _dry_run(config: RunConfig, resume: bool) -> int:
     import yaml
 
     from fedlora.data.federated import data_path_kind
-    from fedlora.federated.rundir import check_run_dir
+    from fedlora.federated.rundir.opening import check_run_dir
     from fedlora.models import model_kind
 
     config = check_run_dir(config, resume)
@@ -279,18 +279,21 @@ def _dry_run(config: RunConfig, resume: bool) -> int:
 
 
 def _train_on_flower(config: RunConfig, args: argparse.Namespace, flower_sets: Sequence[str]) -> None:
-    """``config`` on Flower: checked here first (nothing is started for a bad run directory), then on the SuperLink
-    at ``--superlink`` or on a local one with one SuperNode per client."""
+    """``config`` on Flower: on the SuperLink at ``--superlink`` (whose ServerApp checks the run directory, on its
+    machine), or on a local one with one SuperNode per client, the run directory checked here first (nothing is
+    started for a bad one)."""
+    from fedlora.federated.checks import check_engine
+    from fedlora.federated.rundir.opening import absolute_output_dir, check_run_dir
     from fedlora.flower import FlowerSettings, local_federation, run_flower  # flwr takes seconds to import
-    from fedlora.flower.config import run_output_dir
 
     values = dict(item.partition("=")[::2] for item in flower_sets)
     settings = FlowerSettings.from_run_config({**values, "resume": args.resume})
-    config = run_output_dir(config, args.resume)
+    check_engine(config, "flower")
     stream = not args.no_progress
     if args.superlink is not None:
         run_flower(config, args.superlink, settings=settings, stream=stream)
         return
+    config = check_run_dir(absolute_output_dir(config), args.resume)
     with local_federation(config, stream=stream) as superlink:
         run_flower(config, superlink, settings=settings, stream=stream)
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from fedlora.adapter_tensors import load_adapter_tensors
 
 if TYPE_CHECKING:
-    from fedlora.federated.storage import RunDir
+    from fedlora.federated.rundir.storage import RunDir
 
 GLOBAL = None
 """The target :func:`export_models` takes for the global model (every other target is a client id)."""
@@ -60,7 +60,7 @@ def export_models(
     states) or ``merge`` of a quantized run."""
     from fedlora.federated.build import load_model
     from fedlora.federated.config import load_run_config
-    from fedlora.federated.storage import atomic_dir, check_writable
+    from fedlora.federated.rundir.storage import atomic_dir, check_writable
     from fedlora.federated.strategy import STRATEGIES
 
     run = _open(run_dir)
@@ -137,7 +137,7 @@ def _unknown_client(run_dir: Path, client: str) -> str:
 
 def _open(run_dir: str | Path) -> RunDir:
     """The run directory at ``run_dir``, checked to hold a run (its config and global adapter) and no link."""
-    from fedlora.federated.storage import RunDir
+    from fedlora.federated.rundir.storage import RunDir
 
     run = RunDir(run_dir)
     if not run.config.is_file():

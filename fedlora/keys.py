@@ -14,7 +14,7 @@ from dataclasses import MISSING, Field, fields, is_dataclass
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 KEY_HELP = {
-    "strategy": "the federated strategy: {strategies}",
+    "strategy": "the federated strategy (fedlora config keys lists them)",
     "rounds": "number of federated rounds",
     "seed": "seed of data split, initialisation, sampling and data order",
     "device": "cpu, cuda or cuda:N",
@@ -61,11 +61,14 @@ KEY_HELP = {
     "server.min_clients": "a round needs at least this many valid client results",
     "server.max_update_norm": "reject a client update whose norm exceeds this (none: no limit)",
     "server.clip_norm": "clip each client update to this norm (none: no clipping)",
-    "server.aggregator": "mean (example-weighted), median or trimmed-mean (coordinate-wise)",
+    "server.aggregator": "how the client updates are combined (mean: example-weighted; the others coordinate-wise)",
     "server.trim_fraction": "trimmed-mean: fraction of clients dropped at each end",
-    "privacy.noise_multiplier": "DP-FedAvg noise multiplier z (0: privacy off)",
-    "privacy.clip_norm": "DP-FedAvg clipping norm C (required when privacy is on)",
-    "privacy.delta": "delta at which the run reports the epsilon spent",
+    "privacy.noise_multiplier": "noise multiplier z (dp-fedavg: 0 turns privacy off)",
+    "privacy.clip_norm": "clipping norm C of each client's update (required when privacy is on)",
+    "privacy.delta": "delta of the guarantee (dp-fedavg: at which the run reports the epsilon spent)",
+    "privacy.mechanism": "who adds the noise: dp-fedavg (fedlora's server), or Flower's (--engine flower only)",
+    "privacy.sensitivity": "local: the sensitivity of Flower's LocalDpMod",
+    "privacy.epsilon": "local: the epsilon of Flower's LocalDpMod, per update",
     "eval.every": "evaluate every this many rounds (and after the last)",
     "eval.batch_size": "evaluation batch size",
     "eval.rouge_examples": "rows per split scored by ROUGE-L of greedy generations (0: none)",
@@ -85,41 +88,33 @@ TRAIN_FLAGS = {
 """``fedlora train`` flag (without ``--``) -> the key it sets; each flag's help is its key's."""
 
 
-def key_help(key: str) -> str:
-    """The one line of help of ``key``, with the strategy names filled in (listing them imports PEFT)."""
-    text = KEY_HELP[key]
-    if "{strategies}" in text:
-        from fedlora.federated.strategy import STRATEGIES
-
-        text = text.replace("{strategies}", ", ".join(STRATEGIES))
-    return text
-
-
 def flag_help(flag: str) -> str:
-    """The help of ``train``'s ``--flag``: its key's, naming the key (imports nothing, so the strategies are not
-    listed)."""
+    """The help of ``train``'s ``--flag``: its key's, naming the key."""
     key = TRAIN_FLAGS[flag]
-    return f"{KEY_HELP[key].replace('{strategies}', 'see fedlora config keys')} (--set {key}=...)"
+    return f"{KEY_HELP[key]} (--set {key}=...)"
 
 
 def describe_keys() -> list[tuple[str, str, str, str]]:
     """Every setting as (dotted key, type, default, help), in the configuration's order; type and default come
-    from the configuration's dataclasses."""
+    from the configuration's dataclasses (a registry's names from the field's rule)."""
     from fedlora.federated.config import RunConfig
 
-    return [(key, _type_name(hint), _show(default), key_help(key)) for key, hint, default in _walk(RunConfig)]
+    return [(key, _type_name(hint), _show(default), KEY_HELP[key]) for key, hint, default in _walk(RunConfig)]
 
 
 def _walk(cls: type, prefix: str = "", section: Any = None) -> Iterator[tuple[str, Any, Any]]:
-    """(dotted key, type, default) of every field of dataclass ``cls`` (nested dataclasses flattened); the defaults
-    are ``section``'s values, or the fields' own defaults."""
+    """(dotted key, type, default) of every field of dataclass ``cls`` (nested dataclasses flattened); the type of a
+    name checked against a registry is the ``Literal`` of its names; the defaults are ``section``'s values, or the
+    fields' own defaults."""
     hints = get_type_hints(cls)
     for f in fields(cls):
         default = getattr(section, f.name) if section is not None else _default(f)
         if is_dataclass(hints[f.name]):
             yield from _walk(hints[f.name], f"{prefix}{f.name}.", default)
         else:
-            yield prefix + f.name, hints[f.name], default
+            rule = getattr(cls, "rules", {}).get(f.name)
+            choices = Literal[rule.choices] if rule is not None and rule.choices else None  # a registry's names
+            yield prefix + f.name, choices or hints[f.name], default
 
 
 def _default(f: Field) -> Any:

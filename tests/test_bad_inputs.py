@@ -119,7 +119,11 @@ def model_dir(tmp_path_factory) -> Path:
             [], ("missing.yaml", None), FileNotFoundError, r"config file .*missing.yaml not found", id="no-file"
         ),
         pytest.param(
-            ["strategy=fedprox"], None, ValueError, r"unknown strategy 'fedprox'; choose one of", id="strategy"
+            ["strategy=fedprox"],
+            None,
+            ValueError,
+            r"strategy must be one of \['fedlora-opt', .*\]; got 'fedprox'",
+            id="strategy",
         ),
         pytest.param(
             ["adapter.target_modules=qkv_proj"],

@@ -363,8 +363,8 @@ def test_build_federated_one_client_per_file(ni_dir, tmp_path):
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        ({"source": "alpaca"}, "unknown data source"),
-        ({"partition": "shards"}, "unknown partition"),
+        ({"source": "alpaca"}, "source must be one of"),
+        ({"partition": "shards"}, "partition must be one of"),
         ({"columns": {"instruction": "q"}}, "columns only applies to source='file'"),
         ({"num_clients": None}, "needs num_clients"),
         ({"test_fraction": 1.0}, "test_fraction"),

@@ -17,7 +17,7 @@ from fedlora.export import export_all_clients, export_client, export_global
 from fedlora.federated import build_config, train
 from fedlora.federated.build import build_client
 from fedlora.federated.config import load_run_config
-from fedlora.federated.storage import RunDir
+from fedlora.federated.rundir.storage import RunDir
 from tests.tiny import save_tiny_model
 
 TOKENS = torch.tensor([[0, 5, 17, 42, 99, 3, 250, 7]])

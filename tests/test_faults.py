@@ -31,8 +31,9 @@ import torch
 from safetensors import SafetensorError
 
 from fedlora.cli import main
-from fedlora.federated import build, rounds, storage
-from fedlora.federated.storage import RunDir
+from fedlora.federated import build
+from fedlora.federated.rundir import adapter, storage
+from fedlora.federated.rundir.storage import RunDir
 from tests.test_cli import write_rows
 from tests.test_federated import final_state
 from tests.tiny import save_tiny_model
@@ -397,7 +398,7 @@ def fail_writing(monkeypatch, target: str) -> None:
 
         monkeypatch.setattr(storage, "save_file", safetensors_save_file)
     else:  # global_adapter/, published after round 3 committed
-        atomic_dir = rounds.atomic_dir
+        atomic_dir = adapter.atomic_dir
 
         @contextmanager
         def failing_atomic_dir(path: Path) -> Iterator[Path]:
@@ -406,7 +407,7 @@ def fail_writing(monkeypatch, target: str) -> None:
                 if RunDir(path.parent).committed_round() == 3:
                     raise error
 
-        monkeypatch.setattr(rounds, "atomic_dir", failing_atomic_dir)
+        monkeypatch.setattr(adapter, "atomic_dir", failing_atomic_dir)
 
 
 @pytest.mark.fault

@@ -28,13 +28,14 @@ from fedlora.federated import (
     build_config,
     evaluate_run,
     load_config,
-    storage,
     train,
     weighted_average,
 )
+from fedlora.federated.build import build_client
 from fedlora.federated.config import EvalSettings, ServerSettings
 from fedlora.federated.report import GLOBAL_MODEL
 from fedlora.federated.run import build_federation
+from fedlora.federated.rundir import storage
 from fedlora.federated.sampling import eval_clients
 from tests.tiny import tiny_llama, tiny_tokenizer
 
@@ -288,7 +289,9 @@ def stage_client(fed, config, **settings) -> FederatedClient:
 @pytest.mark.parametrize("order", ["global-then-local", "local-first"])
 def test_fedlora_opt_stages_touch_only_their_tensors(order, make_config, tokenizer):
     config = make_config(f"client.order={order}")
-    fed = build_federation(config, model=tiny_llama(len(tokenizer)), tokenizer=tokenizer, progress=False)
+    fed = build_federation(
+        config, build_client(config, model=tiny_llama(len(tokenizer)), tokenizer=tokenizer, progress=False)
+    )
     app = fed.app
     assert set(app.names["shared"]) == DIRECTIONS and set(app.names["personal"]) == MAGNITUDES
     state = app.new_state(fed.data.clients[0])
@@ -311,7 +314,9 @@ def test_global_stage_trains_the_global_model(make_config, tokenizer):
     are: the sent directions equal those of a client at its common start; the local stage then moves only the
     client's magnitudes (from its own values) and the sent directions are the global stage's."""
     config = make_config("client.local_steps=2", "client.global_steps=2")
-    fed = build_federation(config, model=tiny_llama(len(tokenizer)), tokenizer=tokenizer, progress=False)
+    fed = build_federation(
+        config, build_client(config, model=tiny_llama(len(tokenizer)), tokenizer=tokenizer, progress=False)
+    )
     app, data = fed.app, fed.data.clients[0]
     ins = FitIns(3, app.snapshot(app.names["shared"]))
     personalised = app.new_state(data)
@@ -340,7 +345,9 @@ def test_shared_magnitudes_variant_refines_the_global_magnitudes(make_config, ru
 
 def test_fedlora_opt_joint_order_steps_both_optimizers_on_every_batch(make_config, tokenizer):
     config = make_config("client.order=joint", "client.local_steps=1", "client.global_steps=1")
-    fed = build_federation(config, model=tiny_llama(len(tokenizer)), tokenizer=tokenizer, progress=False)
+    fed = build_federation(
+        config, build_client(config, model=tiny_llama(len(tokenizer)), tokenizer=tokenizer, progress=False)
+    )
     app, state = fed.app, fed.app.new_state(fed.data.clients[0])
     everything = [n for role in app.names.values() for n in role]
     before = app.snapshot(everything)
@@ -594,7 +601,7 @@ def test_config_files_and_overrides(tmp_path):
         ("client.lr=-1", "client.lr must be positive"),
         ("client.lr=fast", "client.lr must be a float"),
         ("server.fraction=1.5", r"server.fraction must be in \(0, 1\]"),
-        ("strategy=fedprox", "strategy: unknown strategy 'fedprox'"),
+        ("strategy=fedprox", "strategy must be one of .*; got 'fedprox'"),
         ("server.optimizer=sgd", "server.optimizer must be one of"),
         ("client.order=random", "client.order must be one of"),
         ("model.dtype=float33", "model.dtype must be a torch dtype name"),

@@ -4,7 +4,7 @@
 rounds of fedlora-opt and ends with the in-process engine's global adapter; ``kill -9`` of a SuperNode mid-round
 and of the whole server side, then ``--resume``, ends with the uninterrupted Flower run. The same ServerApp and
 ClientApp also run over an in-memory grid (messages serialised as on the wire) for the quicker checks: only shared
-tensors travel, the DP options, failing and lost nodes, resume, a node with its own private data file,
+tensors travel, the DP mechanisms, failing and lost nodes, resume, a node with its own private data file,
 configuration round trips.
 """
 
@@ -36,7 +36,7 @@ from fedlora.data.samples import DOLLY_SAMPLE
 from fedlora.federated import FederatedClient, RunConfig, build_config, train
 from fedlora.federated.build import build_client
 from fedlora.federated.report import GLOBAL_MODEL
-from fedlora.federated.storage import RunDir
+from fedlora.federated.rundir.storage import RunDir
 from fedlora.flower import FlowerSettings, write_app
 from fedlora.flower.client_app import app as client_app
 from fedlora.flower.config import app_run_config, from_run_config, to_run_config
@@ -255,20 +255,20 @@ def test_both_engines_score_the_same_sample_of_clients(make_config, serve_locall
 
 
 @pytest.mark.parametrize(
-    "settings",
+    "privacy",
     [
-        FlowerSettings(dp="server-fixed", dp_noise_multiplier=0.0, dp_clipping_norm=1e-3),
-        FlowerSettings(dp="client-fixed", dp_noise_multiplier=0.0, dp_clipping_norm=1e-3),
-        FlowerSettings(dp="local", dp_sensitivity=0.0, dp_clipping_norm=1e-3),
+        ["privacy.mechanism=server-fixed", "privacy.noise_multiplier=0"],
+        ["privacy.mechanism=client-fixed", "privacy.noise_multiplier=0"],
+        ["privacy.mechanism=local", "privacy.sensitivity=0"],
     ],
-    ids=lambda settings: settings.dp,
+    ids=lambda privacy: privacy[0].partition("=")[2],
 )
-def test_dp_clips_the_update_of_the_shared_tensors(settings, make_config, serve_locally, roles):
-    """With the noise switched off, every DP mode bounds the change of the global directions by the clipping
-    norm (the update of each client is clipped to it, so their average is too); magnitudes are untouched."""
-    config = make_config("dp", "rounds=1")
+def test_dp_clips_the_update_of_the_shared_tensors(privacy, make_config, serve_locally, roles):
+    """With the noise switched off, every Flower DP mechanism bounds the change of the global directions by the
+    clipping norm (the update of each client is clipped to it, so their average is too); magnitudes are untouched."""
+    config = make_config("dp", "rounds=1", "privacy.clip_norm=1e-3", *privacy)
     initial = build_client(config).snapshot(roles["shared"] + roles["personal"])
-    run_dir = serve_locally(config, settings, PARTITIONS)
+    run_dir = serve_locally(config, FlowerSettings(), PARTITIONS)
     final = adapter_tensors(run_dir)
     initial = {name.replace(".default", ""): value for name, value in initial.items()}
     shared = [name.replace(".default", "") for name in roles["shared"]]
@@ -279,9 +279,13 @@ def test_dp_clips_the_update_of_the_shared_tensors(settings, make_config, serve_
     )
 
 
-def test_central_dp_needs_fedavg(make_config, serve_locally):
+def test_privacy_is_one_section_for_both_engines(make_config):
+    """Flower's central DP needs FedAvg; its mechanisms run only on the Flower engine (checked before anything
+    loads); fedlora's DP-FedAvg runs on either."""
     with pytest.raises(ValueError, match="needs server.optimizer=fedavg"):
-        serve_locally(make_config("dp", "server.optimizer=fedadam"), FlowerSettings(dp="client-fixed"), PARTITIONS)
+        make_config("dp", "server.optimizer=fedadam", "privacy.mechanism=client-fixed", "privacy.clip_norm=1")
+    with pytest.raises(ValueError, match="privacy.mechanism=local is Flower's; it needs --engine flower"):
+        train(make_config("dp", "privacy.mechanism=local", "privacy.clip_norm=1"), progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -347,8 +351,25 @@ def test_node_with_its_own_data_file(make_config, data_file, tmp_path):
         load_node(config, {})
 
 
+def test_a_remote_superlink_checks_the_run_directory_on_its_machine(monkeypatch, tmp_path):
+    """With ``--superlink`` the run directory (and the device) lie on the SuperLink's machine: the launcher sends the
+    path as given and checks neither; a local federation refuses the same non-empty directory before starting."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs/taken").mkdir(parents=True)
+    (tmp_path / "runs/taken/file").write_text("not empty here")
+    sent = []
+    monkeypatch.setattr("fedlora.flower.run_flower", lambda config, superlink, **kwargs: sent.append(config))
+    monkeypatch.setattr("fedlora.flower.local_federation", lambda *args, **kwargs: pytest.fail("started"))
+    argv = ["train", "--engine", "flower", "--output-dir", "runs/taken", "--no-progress"]
+    assert main([*argv, "--superlink", "superlink.example:9093", "--device", "cuda:99"]) == 0
+    assert [config.output_dir for config in sent] == ["runs/taken"]
+    with pytest.raises(SystemExit, match="2"):
+        main(argv)
+
+
 def test_run_config_round_trip_and_app(make_config, tmp_path):
-    config, settings = make_config("run"), FlowerSettings(min_nodes=3, dp="local", dp_epsilon=2)
+    config = make_config("run", "privacy.mechanism=local", "privacy.clip_norm=1", "privacy.epsilon=2")
+    settings = FlowerSettings(min_nodes=3, resume=True)
     run_config = to_run_config(config, settings)
     assert set(run_config) == set(app_run_config())  # every key can be overridden with `flwr run --run-config`
     assert from_run_config(run_config) == (config, settings)
@@ -362,8 +383,13 @@ def test_run_config_round_trip_and_app(make_config, tmp_path):
         0.01,
         {"A.magnitude": "shared"},
     )
-    with pytest.raises(ValueError, match="dp must be one of"):
-        FlowerSettings.from_run_config({"dp": "gaussian"})
+    assert FlowerSettings.from_run_config({"resume": "true", "node-timeout": 5}) == FlowerSettings(
+        node_timeout=5.0, resume=True
+    )
+    with pytest.raises(ValueError, match="min-nodes must be at least 0; got -1"):
+        FlowerSettings.from_run_config({"min-nodes": "-1"})
+    with pytest.raises(ValueError, match="resume must be a bool"):
+        FlowerSettings.from_run_config({"resume": "maybe"})
     pyproject, warnings = load_and_validate(write_app(tmp_path / "app") / "pyproject.toml")
     assert not warnings
     assert flatten_dict(pyproject["tool"]["flwr"]["app"]["config"]) == app_run_config()  # as Flower reads it

@@ -20,12 +20,12 @@ import pytest
 import torch
 
 import fedlora.cli
-import fedlora.federated.paths
 import fedlora.federated.run
+import fedlora.federated.rundir.paths
 from fedlora.cli import main
 from fedlora.federated.client import FederatedClient
-from fedlora.federated.paths import PathGuard, UnsafePathError, client_dir_name, client_dir_names
-from fedlora.federated.storage import RunDir
+from fedlora.federated.rundir.paths import PathGuard, UnsafePathError, client_dir_name, client_dir_names
+from fedlora.federated.rundir.storage import RunDir
 from fedlora.files import missing_file_error
 from tests.test_bad_inputs import files
 from tests.tiny import save_tiny_model
@@ -148,7 +148,7 @@ def test_client_dir_names_are_safe_bounded_and_distinct():
 
 @pytest.mark.bad_input
 def test_two_labels_that_would_share_a_directory_are_refused_before_training(model_dir, sandbox, capsys, monkeypatch):
-    monkeypatch.setattr(fedlora.federated.paths, "client_dir_name", lambda client_id: "same")
+    monkeypatch.setattr(fedlora.federated.rundir.paths, "client_dir_name", lambda client_id: "same")
     out = sandbox / "run"
     argv = train_argv(model_dir, sandbox / "rows.jsonl", out, "data.partition=label", "data.num_clients=none")
     err = fails(argv, capsys)
@@ -417,7 +417,7 @@ def test_ctrl_c_before_anything_is_written_says_there_is_nothing_to_resume(model
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("fedlora.federated.run.build_federation", interrupted)
+    monkeypatch.setattr("fedlora.federated.session.build_client", interrupted)
     assert main(train_argv(model_dir, sandbox / "rows.jsonl", sandbox / "run")) == 130
     err = capsys.readouterr().err
     assert "fedlora: interrupted; no run directory was written, so there is nothing to resume" in err

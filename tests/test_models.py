@@ -13,7 +13,7 @@ from peft import get_peft_model
 import fedlora.models
 from fedlora import FedDoRAConfig
 from fedlora.federated import build_config, train
-from fedlora.federated.storage import RunDir
+from fedlora.federated.rundir.storage import RunDir
 from fedlora.models import (
     PACKAGED_SMOLLM2,
     SMOLLM2_HUB_ID,

@@ -72,7 +72,7 @@ def test_auto_resolves_to_chat_only_with_a_template():
         resolve_prompt_format("chat", tiny_tokenizer())
     with pytest.raises(ValueError, match="unknown prompt_format 'xml'"):
         resolve_prompt_format("xml", chat_tokenizer())
-    with pytest.raises(ValueError, match="unknown prompt_format"):
+    with pytest.raises(ValueError, match="prompt_format must be one of"):
         DataConfig(num_clients=2, prompt_format="xml")
     with pytest.raises(ValueError, match=r"data.prompt_format must be one of \['auto', 'chat', 'alpaca', 'plain'\]"):
         build_config({"data": {"prompt_format": "xml"}})

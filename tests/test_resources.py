@@ -84,7 +84,8 @@ def test_client_states_that_cannot_fit_are_refused(model_dir, monkeypatch):
     monkeypatch.setenv(MEMORY_LIMIT_ENV, "8G")
     config = load_config(None, [f"model.name={model_dir}", "strategy=local", "adapter.r=64", "data.num_clients=100000"])
     with pytest.raises(
-        ValueError, match=r"the client states \(100000 clients × 1.47e\+04 personal values.*lower data\.num_clients"
+        ValueError,
+        match=r"the client states \(100000 sampled clients × 1.47e\+04 personal values.*lower server\.fraction",
     ):
         check_memory(config)
 

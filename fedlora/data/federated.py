@@ -26,8 +26,9 @@ from fedlora.data.loaders import (
 )
 from fedlora.data.partition import dirichlet_partition, iid_partition, label_partition, sample_indices
 from fedlora.data.samples import DOLLY_SAMPLE
-from fedlora.data.tokenization import PROMPT_FORMATS, PromptFormat, resolve_prompt_format, tokenize_dataset
+from fedlora.data.tokenization import PromptFormat, resolve_prompt_format, tokenize_dataset
 from fedlora.files import missing_file_error
+from fedlora.rules import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Rule, Section
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def data_path_kind(path: str | Path) -> str:
 
 
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(Section):
     """Where the data comes from and how it is split across clients: also the ``data.*`` settings of a run
     (:class:`fedlora.federated.config.RunConfig`, whose defaults are the quickstart's).
 
@@ -97,33 +98,23 @@ class DataConfig:
     prompt_format: PromptFormat = "auto"
     seed: int | None = 0
 
+    rules = {
+        "num_clients": AT_LEAST_ONE,
+        "alpha": POSITIVE,
+        "min_examples": AT_LEAST_ONE,
+        "test_fraction": Rule(lambda v: 0 < v < 1, "in (0, 1)"),
+        "global_test_size": POSITIVE,
+        "max_examples": POSITIVE,
+        "max_length": Rule(lambda v: v >= 2, "at least 2"),
+        "seed": NON_NEGATIVE,
+    }
+
     def __post_init__(self) -> None:
-        if self.source not in ("dolly", "natural_instructions", "file"):
-            raise ValueError(f"unknown data source {self.source!r}; use 'dolly', 'natural_instructions' or 'file'")
-        if self.partition not in ("dirichlet", "label", "iid", "files"):
-            raise ValueError(f"unknown partition {self.partition!r}; use 'dirichlet', 'label', 'iid' or 'files'")
-        if self.prompt_format not in PROMPT_FORMATS:
-            raise ValueError(f"unknown prompt_format {self.prompt_format!r}; use one of {list(PROMPT_FORMATS)}")
+        super().__post_init__()
         if self.columns is not None and self.source != "file":
             raise ValueError(f"columns only applies to source='file', not {self.source!r}")
         if self.partition in ("dirichlet", "iid") and self.num_clients is None:
             raise ValueError(f"partition={self.partition!r} needs num_clients")
-        if self.num_clients is not None and self.num_clients < 1:
-            raise ValueError(f"num_clients must be at least 1, got {self.num_clients}")
-        if not self.alpha > 0:
-            raise ValueError(f"alpha must be positive, got {self.alpha}")
-        if self.min_examples < 1:
-            raise ValueError(f"min_examples must be at least 1, got {self.min_examples}")
-        if self.max_length < 2:
-            raise ValueError(f"max_length must be at least 2, got {self.max_length}")
-        if self.seed is not None and self.seed < 0:
-            raise ValueError(f"seed must be at least 0, got {self.seed}")
-        if not 0 < self.test_fraction < 1:
-            raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
-        for name in ("global_test_size", "max_examples"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be positive or None, got {value}")
 
 
 @dataclass(frozen=True)

@@ -1,18 +1,7 @@
 """Federated fine-tuning with FedDoRA (FedLoRA-Optimizer, arXiv 2510.11274) and LoRA baselines: the engine.
 
-:mod:`~fedlora.federated.rounds` (the round driver both engines run, over a transport),
-:mod:`~fedlora.federated.run` (the in-process engine and its transport; ``fedlora eval``),
-:mod:`~fedlora.federated.build` (the model with the strategy's adapter, as every process builds it),
-:mod:`~fedlora.federated.config` (the run configuration's schema) and :mod:`~fedlora.federated.loader` (reading
-files and overrides into it), :mod:`~fedlora.federated.strategy` (which tensors are shared, personal or frozen),
-:mod:`~fedlora.federated.message` (what crosses the wire), :mod:`~fedlora.federated.client` (local training and
-evaluation), :mod:`~fedlora.federated.server` (sampling and aggregation, update checks),
-:mod:`~fedlora.federated.aggregation` (weighted, median and trimmed-mean aggregation, clipping, server
-optimizers), :mod:`~fedlora.federated.privacy` (DP-FedAvg and its ε), :mod:`~fedlora.federated.rundir` (opening a
-run directory: checks, resume), :mod:`~fedlora.federated.storage` (run directory, atomic checkpoints, client
-states), :mod:`~fedlora.federated.paths` (its path policy), :mod:`~fedlora.federated.checks` (settings checked
-before anything is written) and :mod:`~fedlora.federated.report` (metrics, table, plot). The Flower engine is
-:mod:`fedlora.flower`.
+Its public names are below; the module map is the README's Layout section, and ``docs/architecture.md`` follows a
+round through the modules. The Flower engine is :mod:`fedlora.flower`.
 """
 
 from fedlora.federated.aggregation import FedAdam, FedAvgM, FedYogi, ServerOptimizer, weighted_average

@@ -35,7 +35,7 @@ The server optimizer with learning rate η then sets, elementwise:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -92,6 +92,14 @@ def trimmed_mean(updates: Sequence[Mapping[str, Tensor]], trim_fraction: float) 
     return {name: column[k : m - k].mean(dim=0) for name, column in _sorted_columns(updates).items()}
 
 
+AGGREGATORS: dict[str, Callable[[Sequence[Mapping[str, Tensor]], Sequence[float], float], dict[str, Tensor]]] = {
+    "mean": lambda updates, weights, trim_fraction: weighted_average(updates, weights),
+    "median": lambda updates, weights, trim_fraction: coordinate_median(updates),
+    "trimmed-mean": lambda updates, weights, trim_fraction: trimmed_mean(updates, trim_fraction),
+}
+"""``server.aggregator`` name -> Δ_t from the updates, their weights and ``server.trim_fraction`` (module docstring)."""
+
+
 def aggregate_updates(
     updates: Sequence[Mapping[str, Tensor]],
     weights: Sequence[float],
@@ -99,13 +107,9 @@ def aggregate_updates(
     trim_fraction: float = 0.0,
 ) -> dict[str, Tensor]:
     """Δ_t from the clients' updates by ``aggregator`` (module docstring); only ``mean`` uses the ``weights``."""
-    if aggregator == "mean":
-        return weighted_average(updates, weights)
-    if aggregator == "median":
-        return coordinate_median(updates)
-    if aggregator == "trimmed-mean":
-        return trimmed_mean(updates, trim_fraction)
-    raise ValueError(f"unknown aggregator {aggregator!r}; choose mean, median or trimmed-mean")
+    if aggregator not in AGGREGATORS:
+        raise ValueError(f"unknown aggregator {aggregator!r}; choose one of {list(AGGREGATORS)}")
+    return AGGREGATORS[aggregator](updates, weights, trim_fraction)
 
 
 def _sorted_columns(updates: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
@@ -176,13 +180,15 @@ class FedYogi(FedAdam):
         return v - (1 - self.beta2) * delta_sq * torch.sign(v - delta_sq)
 
 
+SERVER_OPTIMIZERS: dict[str, Callable[[ServerSettings], ServerOptimizer]] = {
+    "fedavg": lambda s: ServerOptimizer(s.lr),
+    "fedavgm": lambda s: FedAvgM(s.lr, s.momentum),
+    "fedadam": lambda s: FedAdam(s.lr, s.beta1, s.beta2, s.tau),
+    "fedyogi": lambda s: FedYogi(s.lr, s.beta1, s.beta2, s.tau),
+}
+"""``server.optimizer`` name -> the server optimizer with the settings' hyperparameters."""
+
+
 def make_server_optimizer(settings: ServerSettings) -> ServerOptimizer:
     """The server optimizer named by ``settings.optimizer`` with its hyperparameters."""
-    adaptive = {"lr": settings.lr, "beta1": settings.beta1, "beta2": settings.beta2, "tau": settings.tau}
-    factories = {
-        "fedavg": lambda: ServerOptimizer(settings.lr),
-        "fedavgm": lambda: FedAvgM(settings.lr, settings.momentum),
-        "fedadam": lambda: FedAdam(**adaptive),
-        "fedyogi": lambda: FedYogi(**adaptive),
-    }
-    return factories[settings.optimizer]()
+    return SERVER_OPTIMIZERS[settings.optimizer](settings)

@@ -1,18 +1,19 @@
-"""Checks of a run's settings that need more than the configuration itself (the machine, the run directory, the
-clients the data gives), all made before anything is written: each raises a ``ValueError`` that names the key or
+"""Checks of a run's settings that need more than the configuration itself (the machine, the engine, the data
+split ``eval`` scores), all made before anything is written: each raises a ``ValueError`` that names the key or
 flag. :mod:`fedlora.federated.config` checks each value on its own (types, ranges, finiteness)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from typing import Literal
 
 import torch
 
-from fedlora.federated.config import RunConfig, config_differences
-from fedlora.federated.paths import client_dir_names
+from fedlora.federated.config import FLOWER_MECHANISMS, RunConfig, config_differences
 from fedlora.federated.resources import check_memory
+from fedlora.federated.strategy import STRATEGIES
 
 EVAL_FIXED_KEYS = ("data.", "seed")  # what `fedlora eval --set` may not change: the data split it scores
+Engine = Literal["in-process", "flower"]
 
 
 def check_device(device: str) -> None:
@@ -36,6 +37,18 @@ def check_device(device: str) -> None:
         raise ValueError(f"device (--device) {device!r} is not usable here: {error}") from None
 
 
+def check_engine(config: RunConfig, engine: Engine) -> None:
+    """What ``engine`` needs of the run: on Flower every client trains on its own node, so a strategy that pools
+    the clients' data into one cannot run there; Flower's DP mechanisms (``privacy.mechanism``) run only there."""
+    if engine == "flower" and not STRATEGIES[config.strategy].trains_each_client:
+        raise ValueError(f"strategy {config.strategy!r} trains one pooled client and cannot run on Flower")
+    if engine == "in-process" and config.privacy.mechanism in FLOWER_MECHANISMS:
+        raise ValueError(
+            f"privacy.mechanism={config.privacy.mechanism} is Flower's; it needs --engine flower (the in-process "
+            "engine has dp-fedavg)"
+        )
+
+
 def check_settings(config: RunConfig) -> None:
     """What can be checked before the model and data load: the device, whether the run fits in its memory (see
     :mod:`fedlora.federated.resources`), and ``server.min_clients`` against ``data.num_clients`` when the partition
@@ -46,13 +59,6 @@ def check_settings(config: RunConfig) -> None:
         check_min_clients(config, config.data.num_clients)
 
 
-def check_clients(config: RunConfig, client_ids: Sequence[str]) -> None:
-    """Once the data is split: every client that trains (``client_ids``) gets its own state directory, and a round
-    can sample ``server.min_clients`` of them."""
-    client_dir_names(client_ids)
-    check_min_clients(config, len(client_ids))
-
-
 def check_min_clients(config: RunConfig, clients: int) -> None:
     """``server.min_clients`` must not exceed the clients a round samples from ``clients`` clients."""
     sampled = max(1, round(config.server.fraction * clients))
@@ -60,15 +66,6 @@ def check_min_clients(config: RunConfig, clients: int) -> None:
         raise ValueError(
             f"server.min_clients={config.server.min_clients} is more than the {sampled} client(s) a round samples "
             f"(server.fraction={config.server.fraction} of {clients} client(s)), so no round could succeed"
-        )
-
-
-def check_resume_rounds(config: RunConfig, committed: int) -> None:
-    """``--resume --rounds N`` needs N at least the rounds the run directory already committed."""
-    if config.rounds < committed:
-        raise ValueError(
-            f"rounds (--rounds) {config.rounds} is below the {committed} round(s) {config.output_dir} already "
-            f"committed; pass --rounds {committed} or more to continue it"
         )
 
 

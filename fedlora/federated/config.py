@@ -2,15 +2,14 @@
 
 Values are layered: the defaults, then a config file (``.toml``, ``.yaml``/``.yml`` or ``.json``), then
 ``key.sub=value`` overrides (strings, coerced to each field's type; the generic reading and coercion is
-:mod:`fedlora.federated.loader`). Unknown keys, values of the wrong type or
-out of range, and unknown strategies raise a ``ValueError`` that names the dotted key.
+:mod:`fedlora.federated.loader`). Every section follows :mod:`fedlora.rules`; unknown keys, values of the wrong
+type or out of range, and names missing from their registry raise a ``ValueError`` that names the dotted key.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,28 +17,27 @@ import torch
 import yaml
 
 from fedlora.data.federated import DOLLY_SAMPLE_ALIAS, DataConfig
-from fedlora.federated.loader import build_dataclass, leaves, read_config_file, sections
+from fedlora.federated.aggregation import AGGREGATORS, SERVER_OPTIMIZERS
+from fedlora.federated.loader import build_dataclass, leaves, read_config_file
 from fedlora.federated.strategy import STRATEGIES
+from fedlora.rules import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, UNIT, Rule, Section, one_of
 
-_positive = (lambda v: v > 0, "positive")
-_at_least_one = (lambda v: v >= 1, "at least 1")
-_non_negative = (lambda v: v >= 0, "at least 0")
-_unit = (lambda v: 0 <= v < 1, "in [0, 1)")
+FLOWER_MECHANISMS = ("server-fixed", "client-fixed", "local")  # privacy.mechanism values only Flower implements
 
 
 @dataclass
-class ModelSettings:
+class ModelSettings(Section):
     """The base model: a local dir, a hub id, a ``.gguf`` file or the alias ``smollm2-135m-instruct``."""
 
     name: str = "smollm2-135m-instruct"
     dtype: str | None = None  # a torch dtype name such as "float32" or "bfloat16"; None lets the loader choose
     quantization: Literal["4bit", "8bit"] | None = None  # bitsandbytes base weights (4bit: NF4, QLoRA's); None: dense
 
-    rules = {"dtype": (lambda v: isinstance(getattr(torch, v, None), torch.dtype), "a torch dtype name")}
+    rules = {"dtype": Rule(lambda v: isinstance(getattr(torch, v, None), torch.dtype), "a torch dtype name")}
 
 
 @dataclass
-class AdapterSettings:
+class AdapterSettings(Section):
     """Adapter shape shared by all strategies (FedDoRA or LoRA, as the strategy requires).
 
     ``target_modules`` lists module names (suffix match); ``["all-linear"]`` (or the string ``all-linear``)
@@ -55,11 +53,11 @@ class AdapterSettings:
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     tensor_roles: dict[str, Literal["shared", "personal", "frozen"]] | None = None
 
-    rules = {"r": _at_least_one, "alpha": _positive, "dropout": _unit}
+    rules = {"r": AT_LEAST_ONE, "alpha": POSITIVE, "dropout": UNIT}
 
 
 @dataclass
-class ClientSettings:
+class ClientSettings(Section):
     """Local training on each client; the strategy decides which of these it uses (see
     :mod:`fedlora.federated.strategy`).
 
@@ -84,20 +82,20 @@ class ClientSettings:
     global_lr: float = 5e-3
 
     rules = {
-        "batch_size": _at_least_one,
-        "weight_decay": _non_negative,
-        "max_grad_norm": _positive,
-        "steps": _at_least_one,
-        "lr": _positive,
-        "local_steps": _non_negative,
-        "local_lr": _positive,
-        "global_steps": _non_negative,
-        "global_lr": _positive,
+        "batch_size": AT_LEAST_ONE,
+        "weight_decay": NON_NEGATIVE,
+        "max_grad_norm": POSITIVE,
+        "steps": AT_LEAST_ONE,
+        "lr": POSITIVE,
+        "local_steps": NON_NEGATIVE,
+        "local_lr": POSITIVE,
+        "global_steps": NON_NEGATIVE,
+        "global_lr": POSITIVE,
     }
 
 
 @dataclass
-class ServerSettings:
+class ServerSettings(Section):
     """Client sampling, the checks on every client's result, how the updates are combined, and the server optimizer
     (the math is in ``aggregation``).
 
@@ -109,12 +107,13 @@ class ServerSettings:
     only stops diverged or garbage updates. A round with
     fewer than ``min_clients`` valid results (failed and rejected clients alike count against it) raises and commits
     nothing, so ``--resume`` retries it. Each update may be clipped to norm ``clip_norm`` (None: no clipping), then
-    ``aggregator`` combines them: ``mean`` (example-weighted, FedAvg), ``median`` (coordinate-wise) or
-    ``trimmed-mean`` (coordinate-wise, ``trim_fraction`` of the clients dropped at each end). ``optimizer`` with
-    ``lr`` (and ``momentum``, or ``beta1``, ``beta2``, ``tau``) turns the aggregated update into the new global tensors.
+    ``aggregator`` (a name in :data:`~fedlora.federated.aggregation.AGGREGATORS`) combines them; ``trimmed-mean``
+    drops ``trim_fraction`` of the clients at each end. ``optimizer`` (a name in
+    :data:`~fedlora.federated.aggregation.SERVER_OPTIMIZERS`) with ``lr`` (and ``momentum``, or ``beta1``,
+    ``beta2``, ``tau``) turns the aggregated update into the new global tensors.
     """
 
-    optimizer: Literal["fedavg", "fedavgm", "fedadam", "fedyogi"] = "fedavg"
+    optimizer: str = "fedavg"
     lr: float = 1.0
     fraction: float = 1.0
     momentum: float = 0.9
@@ -124,63 +123,91 @@ class ServerSettings:
     min_clients: int = 1
     max_update_norm: float | None = 1e5
     clip_norm: float | None = None
-    aggregator: Literal["mean", "median", "trimmed-mean"] = "mean"
+    aggregator: str = "mean"
     trim_fraction: float = 0.1
 
     rules = {
-        "lr": _positive,
-        "fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
-        "momentum": _unit,
-        "beta1": _unit,
-        "beta2": _unit,
-        "tau": _positive,
-        "min_clients": _at_least_one,
-        "max_update_norm": _positive,
-        "clip_norm": _positive,
-        "trim_fraction": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
+        "optimizer": one_of(SERVER_OPTIMIZERS),
+        "aggregator": one_of(AGGREGATORS),
+        "lr": POSITIVE,
+        "fraction": Rule(lambda v: 0 < v <= 1, "in (0, 1]"),
+        "momentum": UNIT,
+        "beta1": UNIT,
+        "beta2": UNIT,
+        "tau": POSITIVE,
+        "min_clients": AT_LEAST_ONE,
+        "max_update_norm": POSITIVE,
+        "clip_norm": POSITIVE,
+        "trim_fraction": Rule(lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
     }
 
 
 @dataclass
-class PrivacySettings:
-    """Client-level differential privacy, DP-FedAvg on the server (see ``privacy``); off while ``noise_multiplier``
-    is 0.
+class PrivacySettings(Section):
+    """Client-level differential privacy on the shared tensors: one section for both engines.
 
-    With ``noise_multiplier`` z > 0 the server clips every client's update to L2 norm ``clip_norm`` C (required
-    then), sums the clipped updates, adds Gaussian noise of standard deviation z·C per coordinate and divides by the
-    number of sampled clients m; the aggregate is thus an unweighted mean, and ``server.aggregator`` must be ``mean``.
-    After every round the run reports the ε spent so far at ``delta`` (δ, best below 1 / the number of clients).
+    ``mechanism`` says who clips the updates and adds the noise:
+
+    * ``dp-fedavg`` (either engine; off while ``noise_multiplier`` is 0): fedlora's server, DP-FedAvg (see
+      ``privacy``). With ``noise_multiplier`` z > 0 it clips every client's update to L2 norm ``clip_norm`` C, sums
+      the clipped updates, adds Gaussian noise of standard deviation z·C per coordinate and divides by the number of
+      sampled clients m; the aggregate is thus an unweighted mean, and ``server.aggregator`` must be ``mean``. After
+      every round the run reports the ε spent so far at ``delta`` (δ, best below 1 / the number of clients).
+    * :data:`FLOWER_MECHANISMS` (the Flower engine only, on whenever chosen; Flower's own implementations, see
+      ``docs/flower.md``): ``server-fixed`` / ``client-fixed``, central DP (updates clipped to C on the server / on
+      the nodes, Gaussian noise of std z·C / m added to the average; they need ``server.optimizer=fedavg``), or
+      ``local`` (every node clips its update to C and adds noise of std ``sensitivity`` · √(2 ln(1.25/δ)) /
+      ``epsilon``).
+
+    Whenever privacy is on, ``clip_norm`` is required.
     """
 
     noise_multiplier: float = 0.0
     clip_norm: float | None = None
     delta: float = 1e-5
+    mechanism: Literal["dp-fedavg", "server-fixed", "client-fixed", "local"] = "dp-fedavg"
+    sensitivity: float = 1.0
+    epsilon: float = 1.0
 
     rules = {
-        "noise_multiplier": (lambda v: 0 <= v < math.inf, "finite and at least 0"),
-        "clip_norm": _positive,
-        "delta": (lambda v: 0 < v < 1, "in (0, 1)"),
+        "noise_multiplier": NON_NEGATIVE,
+        "clip_norm": POSITIVE,
+        "delta": Rule(lambda v: 0 < v < 1, "in (0, 1)"),
+        "sensitivity": NON_NEGATIVE,
+        "epsilon": POSITIVE,
     }
 
     @property
     def enabled(self) -> bool:
-        return self.noise_multiplier > 0
+        """Whether any mechanism is on."""
+        return self.mechanism in FLOWER_MECHANISMS or self.noise_multiplier > 0
+
+    @property
+    def dp_fedavg(self) -> bool:
+        """Whether fedlora's server applies DP-FedAvg."""
+        return self.mechanism == "dp-fedavg" and self.noise_multiplier > 0
 
     def check(self, server: ServerSettings) -> None:
         """Raise a ValueError naming the keys when these settings do not fit together or with ``server``."""
         if self.enabled and self.clip_norm is None:
-            raise ValueError("privacy.clip_norm is required when privacy.noise_multiplier > 0 (the noise scales to it)")
+            on = "privacy.noise_multiplier > 0" if self.dp_fedavg else f"privacy.mechanism={self.mechanism}"
+            raise ValueError(f"privacy.clip_norm is required when {on} (the clipping and noise scale to it)")
         if not self.enabled and self.clip_norm is not None:
             raise ValueError(
                 "privacy.clip_norm is set but privacy.noise_multiplier is 0 (privacy off); to clip without noise, "
                 "set server.clip_norm"
             )
-        if self.enabled and server.aggregator != "mean":
+        if self.dp_fedavg and server.aggregator != "mean":
             raise ValueError(f"privacy.noise_multiplier > 0 needs server.aggregator=mean, not {server.aggregator!r}")
+        if self.mechanism in ("server-fixed", "client-fixed") and server.optimizer != "fedavg":
+            raise ValueError(
+                f"privacy.mechanism={self.mechanism} calibrates its noise for an average of the clients' tensors; it "
+                f"needs server.optimizer=fedavg, not {server.optimizer!r}"
+            )
 
 
 @dataclass
-class EvalSettings:
+class EvalSettings(Section):
     """Evaluation after every ``every`` rounds (and after the last): loss, perplexity, and ROUGE-L of greedy
     generations on a seeded sample of ``rouge_examples`` rows per split (0 disables ROUGE).
 
@@ -198,12 +225,12 @@ class EvalSettings:
     clients: int | None = None
 
     rules = {
-        "every": _at_least_one,
-        "batch_size": _at_least_one,
-        "rouge_examples": _non_negative,
-        "max_new_tokens": _at_least_one,
-        "fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
-        "clients": _at_least_one,
+        "every": AT_LEAST_ONE,
+        "batch_size": AT_LEAST_ONE,
+        "rouge_examples": NON_NEGATIVE,
+        "max_new_tokens": AT_LEAST_ONE,
+        "fraction": Rule(lambda v: 0 < v <= 1, "in (0, 1]"),
+        "clients": AT_LEAST_ONE,
     }
 
     def check(self) -> None:
@@ -219,7 +246,7 @@ RUN_DATA = DataConfig(path=DOLLY_SAMPLE_ALIAS, num_clients=4, global_test_size=8
 
 
 @dataclass
-class RunConfig:
+class RunConfig(Section):
     """A whole run. ``seed`` seeds the data split, adapter initialisation, client sampling and data order."""
 
     strategy: str = "fedlora-opt"
@@ -235,22 +262,17 @@ class RunConfig:
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
 
-    rules = {"rounds": _at_least_one, "seed": (lambda v: 0 <= v < 2**63, "in [0, 2**63)")}
+    rules = {
+        "strategy": one_of(STRATEGIES),
+        "rounds": AT_LEAST_ONE,
+        "seed": Rule(lambda v: 0 <= v < 2**63, "in [0, 2**63)"),
+    }
 
     def __post_init__(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy: unknown strategy {self.strategy!r}; choose one of {sorted(STRATEGIES)}")
+        super().__post_init__()  # each section checked its own fields when it was built
         STRATEGIES[self.strategy].with_roles(self.adapter.tensor_roles)  # raises naming adapter.tensor_roles.<kind>
         if self.client.local_steps + self.client.global_steps == 0:
             raise ValueError("client.local_steps and client.global_steps cannot both be 0")
-        for section, prefix in sections(self):
-            for name in (f.name for f in fields(section)):  # learning rates, clip norms, DP values, ...
-                if isinstance(value := getattr(section, name), float) and not math.isfinite(value):
-                    raise ValueError(f"{prefix}{name} must be finite; got {value!r}")
-            for name, (check, description) in getattr(section, "rules", {}).items():  # DataConfig checks itself
-                value = getattr(section, name)
-                if value is not None and not check(value):
-                    raise ValueError(f"{prefix}{name} must be {description}; got {value!r}")
         self.privacy.check(self.server)
         self.eval.check()
         if self.data.seed is None:  # the data split follows the run's seed

@@ -3,8 +3,9 @@ coercion of every value to its field's type. Generic: nothing here knows fedlora
 :mod:`fedlora.federated.config`).
 
 Unknown keys and values of the wrong type raise a ``ValueError`` that names the dotted key; string values are
-coerced to each field's type: ``none``/``null`` for optional fields, comma-separated or JSON lists, JSON objects
-for mappings.
+coerced to each field's type: ``none``/``null`` for optional fields, ``true``/``false`` for booleans,
+comma-separated or JSON lists, JSON objects for mappings. Each section's own rules (:mod:`fedlora.rules`) run when
+it is built.
 """
 
 from __future__ import annotations
@@ -199,6 +200,14 @@ def _to_float(value: Any, args: tuple, key: str) -> float:
     return result
 
 
+def _to_bool(value: Any, args: tuple, key: str) -> bool:
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if not isinstance(value, bool):
+        raise ValueError(value)
+    return value
+
+
 def _to_str(value: Any, args: tuple, key: str) -> str:
     if not isinstance(value, str):
         raise ValueError(value)
@@ -222,6 +231,7 @@ def _to_dict(value: Any, args: tuple, key: str) -> dict:
 
 
 _SCALARS: dict[Any, Callable[[Any, tuple, str], Any]] = {
+    bool: _to_bool,
     int: _to_int,
     float: _to_float,
     str: _to_str,

@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from fedlora.federated.message import FitRes, Rejection
-from fedlora.federated.storage import atomic_write
+from fedlora.federated.rundir.storage import atomic_write
 
 EVAL_SPLITS = ("global", "local")
 GLOBAL_MODEL = "global-model"

@@ -13,8 +13,9 @@ adapter is float32 whatever the base, as PEFT keeps it):
   ``data.max_length`` tokens at, per token, L·22·h·b (L layers of hidden size h) + 14·V (the float32 logits over a
   vocabulary of V and the loss's copies of them) + 8·r per targeted linear (its r-sized float32 intermediate,
   twice: derived, not measured); or, if larger, evaluation's ``eval.batch_size`` × ``data.max_length`` tokens at 14·V each (no backward pass);
-* **client states**: the personal tensors of every client the in-process engine holds (``data.num_clients``;
-  1 where the data decides), each with its local optimizer's state (AdamW: two values per value), at 4 bytes;
+* **client states**: the personal tensors of the clients a round trains, the ones the in-process engine holds
+  (``server.fraction`` of ``data.num_clients``, 1 where the data decides; the others wait in the run directory),
+  each with its local optimizer's state (AdamW: two values per value), at 4 bytes;
 * **server**: the shared tensors of the global model, of each sampled client's update (``server.fraction``)
   and of the server optimizer's state (FedAvgM one copy, FedAdam and FedYogi two), at 4 bytes.
 
@@ -140,10 +141,10 @@ def estimate_memory(config: RunConfig) -> list[Term] | None:
         _activations(config, model_config, value, adapter_bytes_per_token=8 * r * len(linears)),
         Term(
             "client states",
-            f"the client states ({clients} clients × {values['personal']:.3g} personal values, with their local "
-            "optimizer states)",
-            clients * values["personal"] * 4 * (1 + local_states),
-            "data.num_clients",
+            f"the client states ({sampled} sampled clients × {values['personal']:.3g} personal values, with their "
+            "local optimizer states)",
+            sampled * values["personal"] * 4 * (1 + local_states),
+            "server.fraction (or data.num_clients)",
         ),
         Term(
             "server",

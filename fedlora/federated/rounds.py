@@ -27,26 +27,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from torch import Tensor
 from tqdm.auto import tqdm
 
-from fedlora.federated.checks import check_clients
 from fedlora.federated.client import ClientState, FederatedClient
 from fedlora.federated.config import RunConfig, save_config
 from fedlora.federated.message import FitRes, Rejection
 from fedlora.federated.report import format_table, plot_scores, privacy_rows, round_title, summarize, train_rows
-from fedlora.federated.sampling import eval_clients
-from fedlora.federated.server import FederatedServer
-from fedlora.federated.storage import (
+from fedlora.federated.rundir.adapter import publish_adapter, run_bytes
+from fedlora.federated.rundir.opening import check_clients
+from fedlora.federated.rundir.storage import (
     Checkpoint,
     RunDir,
-    atomic_dir,
     atomic_write,
     check_free_space,
-    estimate_run_bytes,
     rng_state,
     set_rng_state,
 )
+from fedlora.federated.sampling import eval_clients
+from fedlora.federated.server import FederatedServer
 
 
 @dataclass
@@ -176,31 +174,6 @@ def run_rounds(
             publish_adapter(client, server.global_tensors, run_dir)
         rows = []
     return run_dir.path
-
-
-def publish_adapter(client: FederatedClient, shared: Mapping[str, Tensor], run: RunDir) -> None:
-    """Write ``global_adapter/``: the global model, the global shared tensors with the common personal (and frozen)
-    values."""
-    client.load_model(shared)
-    with atomic_dir(run.inside(run.global_adapter)) as tmp:
-        client.model.save_pretrained(tmp, save_embedding_layers=False)  # no hub lookup: adapters only
-
-
-def run_bytes(client: FederatedClient, clients: int, rounds: int) -> int:
-    """:func:`~fedlora.federated.storage.estimate_run_bytes` for this adapter's tensors, ``clients`` and ``rounds``."""
-    params = dict(client.model.named_parameters())
-
-    def size(names: Sequence[str]) -> int:
-        return sum(params[n].numel() * params[n].element_size() for n in names)
-
-    adapter = sum(size(client.names[role]) for role in ("shared", "personal", "frozen"))
-    return estimate_run_bytes(
-        shared=size(client.names["shared"]),
-        personal=size(client.kept_names),
-        adapter=adapter,
-        clients=clients,
-        rounds=rounds,
-    )
 
 
 def with_round(round_: int, rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:

@@ -1,8 +1,8 @@
 """The in-process engine: one base model, clients one after another, only adapter state swapped.
 
-:func:`train` opens the run directory (:func:`~fedlora.federated.rundir.open_run`), builds the clients' data and
-the strategy's adapter (:func:`build_federation`) and hands the rounds to the round driver
-(:func:`~fedlora.federated.rounds.run_rounds`) with :class:`InProcess` as its transport: a sampled client loads
+:func:`train` opens the run as the Flower engine does (:func:`~fedlora.federated.session.open_session`: the run
+directory, the model with the strategy's adapter, the server), builds the clients' data (:func:`build_federation`)
+and hands the rounds to the round driver with :class:`InProcess` as its transport: a sampled client loads
 the global shared tensors and its personal state, trains, and returns a :class:`~fedlora.federated.message.FitRes`
 (:func:`fit_clients`); the global model is scored once on the pooled global test set and each scored client's model
 on its own test split (:func:`evaluate_round`). Only the clients of the current round are in memory: the run directory
@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +34,11 @@ from fedlora.federated.client import ClientState, FederatedClient
 from fedlora.federated.config import RunConfig, load_run_config
 from fedlora.federated.message import FitIns, FitRes, Rejection
 from fedlora.federated.report import GLOBAL_MODEL, format_table, summarize
-from fedlora.federated.rounds import RoundReplies, Transport, run_rounds, with_round
-from fedlora.federated.rundir import open_run
+from fedlora.federated.rounds import RoundReplies, Transport, with_round
+from fedlora.federated.rundir.storage import RunDir, atomic_write, recover_dir
 from fedlora.federated.sampling import eval_clients
 from fedlora.federated.server import FederatedServer
-from fedlora.federated.storage import RunDir, atomic_write, recover_dir
+from fedlora.federated.session import open_session
 from fedlora.federated.strategy import FederatedStrategy
 
 logger = logging.getLogger(__name__)
@@ -65,22 +65,18 @@ def train(
 ) -> Path:
     """Run (or with ``resume``, continue) the federated training described by ``config``; returns the run dir.
 
-    ``model``/``tokenizer`` replace loading ``config.model.name`` (the model is wrapped in place). A fresh run
-    needs an absent or empty output directory; ``resume`` needs the run's directory and a configuration that
-    differs from the saved one only in ``rounds``, ``device``, ``output_dir`` or ``eval.*``.
+    ``model``/``tokenizer`` replace loading ``config.model.name`` (the model is wrapped in place); what ``resume``
+    needs is :func:`~fedlora.federated.session.open_session`'s.
     """
-    config, run_dir, checkpoint = open_run(config, resume)  # before the model loads: a damaged run fails fast
-    adapter_dir = run_dir.global_adapter if run_dir.global_adapter.exists() else None
-    fed = build_federation(config, adapter_dir=adapter_dir, model=model, tokenizer=tokenizer, progress=progress)
-    config = replace(config, data=replace(config.data, prompt_format=fed.data.prompt_format))  # as resolved
-    server = FederatedServer(fed.app.snapshot(fed.app.names["shared"]), config.server, config.seed, config.privacy)
-    transport = InProcess(fed, server, run_dir, progress)
+    session = open_session(config, resume, "in-process", model=model, tokenizer=tokenizer, progress=progress)
+    fed = build_federation(session.config, session.client)
+    transport = InProcess(fed, session.server, session.run_dir, progress)
     sizes = [data.num_train_examples for data in fed.data.clients]
     heading = (
         f"fedlora {config.strategy}: {len(sizes)} clients (train sizes {sizes}, global test "
         f"{len(fed.data.global_test)})"
     )
-    return run_rounds(config, run_dir, checkpoint, server, fed.app, transport, heading=heading, progress=progress)
+    return session.run(transport, heading=heading, progress=progress)
 
 
 class InProcess(Transport):
@@ -170,7 +166,8 @@ def evaluate_run(
     check_device(config.device)
     checkpoint = run.load_checkpoint()  # before the model loads
     recover_dir(run.inside(run.global_adapter))
-    fed = build_federation(config, adapter_dir=run.global_adapter, model=model, tokenizer=tokenizer, progress=progress)
+    client = build_client(config, model=model, tokenizer=tokenizer, adapter_dir=run.global_adapter, progress=progress)
+    fed = build_federation(config, client)
     client_rounds = checkpoint.client_rounds if checkpoint else {}
     scored = set(eval_clients(config.eval, config.seed, [data.client_id for data in fed.data.clients]))
     clients = [data for data in fed.data.clients if data.client_id in scored]
@@ -206,17 +203,9 @@ def evaluate_round(
     return rows
 
 
-def build_federation(
-    config: RunConfig,
-    *,
-    adapter_dir: Path | None = None,
-    model: nn.Module | None = None,
-    tokenizer: PreTrainedTokenizerBase | None = None,
-    progress: bool = True,
-) -> Federation:
-    """Load the model (unless given), build the clients' data, and add the strategy's adapter (see
-    :func:`~fedlora.federated.build.build_client`)."""
-    app = build_client(config, model=model, tokenizer=tokenizer, adapter_dir=adapter_dir, progress=progress)
+def build_federation(config: RunConfig, app: FederatedClient) -> Federation:
+    """The federation of ``app`` (a client trainer from :func:`~fedlora.federated.build.build_client`): the clients'
+    data split by ``config.data``, and ``app``'s settings as the strategy sets them for that many clients."""
     data = build_federated_data(config.data, app.tokenizer)
     app.settings = app.strategy.client_settings(app.settings, len(data.clients))
     return Federation(app.strategy, app.model, app.tokenizer, data, app)

@@ -45,7 +45,7 @@ class FederatedServer:
         self.seed = seed
         if privacy is not None:
             privacy.check(settings)
-        self.privacy = privacy if privacy is not None and privacy.enabled else None  # None: no DP
+        self.privacy = privacy if privacy is not None and privacy.dp_fedavg else None  # None: no DP-FedAvg here
 
     def sample_size(self, num_clients: int) -> int:
         """How many of ``num_clients`` clients train in a round: ``max(1, round(fraction · num_clients))``."""

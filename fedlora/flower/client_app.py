@@ -13,7 +13,7 @@ disk:
   model (the shared tensors with the common personal values) on it; reply the scores.
 
 Mods: :func:`wire_log_mod` (outermost) records the record keys of every message in and out when the node config
-sets ``wire-log``; :func:`privacy_mod` applies Flower's client-side DP mod the run's ``dp`` setting calls for.
+sets ``wire-log``; :func:`privacy_mod` applies Flower's client-side DP mod the run's ``privacy.mechanism`` calls for.
 """
 
 from __future__ import annotations
@@ -60,12 +60,14 @@ def wire_log_mod(msg: Message, context: Context, call_next: ClientAppCallable) -
 
 
 def privacy_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Flower's ``fixedclipping_mod`` (``dp = "client-fixed"``) or ``LocalDpMod`` (``dp = "local"``), else nothing."""
-    _, settings = from_run_config(context.run_config)
-    if settings.dp == "client-fixed":
+    """Flower's ``fixedclipping_mod`` (``privacy.mechanism=client-fixed``) or ``LocalDpMod``
+    (``privacy.mechanism=local``), else nothing."""
+    config, _ = from_run_config(context.run_config)
+    privacy = config.privacy
+    if privacy.mechanism == "client-fixed":
         return fixedclipping_mod(msg, context, call_next)
-    if settings.dp == "local":
-        mod = LocalDpMod(settings.dp_clipping_norm, settings.dp_sensitivity, settings.dp_epsilon, settings.dp_delta)
+    if privacy.mechanism == "local":
+        mod = LocalDpMod(privacy.clip_norm, privacy.sensitivity, privacy.epsilon, privacy.delta)
         return mod(msg, context, call_next)
     return call_next(msg, context)
 

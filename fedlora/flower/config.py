@@ -5,7 +5,7 @@ Flower hands the ServerApp and every ClientApp the same flat *run config* (``con
 :class:`~fedlora.federated.config.RunConfig` is one key there, named as in ``fedlora train --set``
 (``rounds``, ``client.local_lr``, ``data.num_clients``); a value Flower cannot hold is a string that ``--set``
 would take (``none``, ``q_proj,v_proj``, a JSON object). The remaining keys are :class:`FlowerSettings`, in
-kebab-case (``min-nodes``, ``round-timeout``, ``dp``, ``resume``). So
+kebab-case (``min-nodes``, ``round-timeout``, ``resume``). So
 ``flwr run APP CONNECTION --run-config "rounds=3 client.local_lr=0.01 round-timeout=600"`` works as expected.
 """
 
@@ -14,54 +14,31 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
-from pathlib import Path
-from typing import Any, Literal
+from dataclasses import dataclass, fields
+from typing import Any
 
 from fedlora.federated.config import RunConfig, build_config, config_leaves
-from fedlora.federated.rundir import check_run_dir, default_output_dir
-
-PRIVACY_MODES = ("none", "server-fixed", "client-fixed", "local")
-CENTRAL_DP = ("server-fixed", "client-fixed")
+from fedlora.federated.loader import build_dataclass
+from fedlora.rules import NON_NEGATIVE, POSITIVE, Section
 
 
 @dataclass(frozen=True)
-class FlowerSettings:
-    """Settings of a Flower run that the in-process engine does not have (run-config keys in kebab-case).
+class FlowerSettings(Section):
+    """Settings of a Flower run that the in-process engine does not have (run-config keys in kebab-case), built by
+    the same loader and rules as every settings section.
 
     ``min_nodes``: SuperNodes to wait for before round 1 (0: ``data.num_clients``); ``node_timeout``: how long to
     wait for them; ``round_timeout``: how long to wait for the replies of one round; ``resume``: continue the run
-    in ``output_dir`` from its checkpoint (as ``fedlora train --resume``). ``dp`` adds differential
-    privacy to the shared tensors: ``server-fixed`` / ``client-fixed`` (central DP, Flower's
-    ``DifferentialPrivacy{Server,Client}SideFixedClipping``: updates clipped to ``dp_clipping_norm`` on the
-    server / on the nodes, Gaussian noise of std ``dp_noise_multiplier · dp_clipping_norm / sampled clients``
-    added to the average) or ``local`` (Flower's ``LocalDpMod`` on every node: update clipped to
-    ``dp_clipping_norm``, noise of std ``dp_sensitivity · √(2 ln(1.25/dp_delta)) / dp_epsilon`` added).
+    in ``output_dir`` from its checkpoint (as ``fedlora train --resume``). Differential privacy is the run's
+    ``privacy.*`` section, as on the in-process engine.
     """
 
     min_nodes: int = 0
     node_timeout: float = 600.0
     round_timeout: float = 3600.0
     resume: bool = False
-    dp: Literal["none", "server-fixed", "client-fixed", "local"] = "none"
-    dp_noise_multiplier: float = 1.0
-    dp_clipping_norm: float = 1.0
-    dp_sensitivity: float = 1.0
-    dp_epsilon: float = 1.0
-    dp_delta: float = 1e-5
 
-    def __post_init__(self) -> None:
-        if self.dp not in PRIVACY_MODES:
-            raise ValueError(f"dp must be one of {list(PRIVACY_MODES)}; got {self.dp!r}")
-        if self.min_nodes < 0:
-            raise ValueError(f"min-nodes must be at least 0; got {self.min_nodes}")
-        positive = ("node_timeout", "round_timeout", "dp_clipping_norm", "dp_epsilon", "dp_delta")
-        for name in positive:
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{_key(name)} must be positive; got {getattr(self, name)!r}")
-        for name in ("dp_noise_multiplier", "dp_sensitivity"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{_key(name)} must be at least 0; got {getattr(self, name)!r}")
+    rules = {"min_nodes": NON_NEGATIVE, "node_timeout": POSITIVE, "round_timeout": POSITIVE}
 
     def to_run_config(self) -> dict[str, Any]:
         """These settings as run-config entries."""
@@ -69,24 +46,14 @@ class FlowerSettings:
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> FlowerSettings:
-        """The settings in a run config (absent keys keep their defaults); ints are accepted for floats, and
-        strings (``fedlora train --set``) for numbers and booleans."""
-        values = {}
-        for f in fields(cls):
-            key = _key(f.name)
-            if key in run_config:
-                value = run_config[key]
-                try:
-                    if f.type in ("int", "float"):
-                        value = {"int": int, "float": float}[f.type](value)
-                    elif f.type == "bool" and isinstance(value, str):
-                        value = {"true": True, "false": False}[value.lower()]
-                except (KeyError, ValueError):
-                    raise ValueError(
-                        f"{key} must be a{'n' if f.type == 'int' else ''} {f.type}; got {value!r}"
-                    ) from None
-                values[f.name] = value
-        return cls(**values)
+        """The settings in a run config (absent keys keep their defaults), read as ``--set`` values are (see
+        :mod:`fedlora.federated.loader`); an error names the run-config key."""
+        values = {f.name: run_config[_key(f.name)] for f in fields(cls) if _key(f.name) in run_config}
+        try:
+            return build_dataclass(cls, values)
+        except ValueError as error:
+            name, _, rest = str(error).partition(" ")
+            raise ValueError(f"{_key(name)} {rest}") from None
 
     def min_nodes_for(self, config: RunConfig) -> int:
         """The number of SuperNodes to wait for."""
@@ -116,13 +83,6 @@ def from_run_config(run_config: Mapping[str, Any]) -> tuple[RunConfig, FlowerSet
 def app_run_config() -> dict[str, Any]:
     """The defaults of the Flower app's ``[tool.flwr.app.config]``: every key ``--run-config`` may override."""
     return to_run_config(RunConfig(), FlowerSettings())
-
-
-def run_output_dir(config: RunConfig, resume: bool) -> RunConfig:
-    """``config`` with an absolute ``output_dir`` (a new timestamped one if unset) that the run can use (see
-    :func:`~fedlora.federated.rundir.check_run_dir`)."""
-    path = Path(config.output_dir or default_output_dir(config)).absolute()
-    return check_run_dir(replace(config, output_dir=str(path)), resume)
 
 
 def toml_value(value: Any) -> str:

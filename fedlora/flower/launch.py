@@ -22,11 +22,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from fedlora.federated.config import RunConfig
-from fedlora.flower.config import FlowerSettings, app_run_config, run_output_dir, to_run_config, toml_value
+from fedlora.federated.rundir.opening import default_output_dir
+from fedlora.flower.config import FlowerSettings, app_run_config, to_run_config, toml_value
 from fedlora.flower.node import NUM_PARTITIONS, PARTITION_ID, STATE_DIR
 
 CONNECTION = "fedlora"
@@ -40,7 +42,7 @@ class FlowerRunError(RuntimeError):
 _APP_PYPROJECT = """\
 # The fedlora Flower app: `flwr run <this directory> <superlink connection> --run-config ...`.
 # Every fedlora setting is a key, named as in `fedlora train --set`, e.g. --run-config "rounds=3 client.local_lr=0.01";
-# the kebab-case keys are fedlora.flower.config.FlowerSettings (SuperNodes to wait for, timeouts, resume, DP).
+# the kebab-case keys are fedlora.flower.config.FlowerSettings (SuperNodes to wait for, timeouts, resume).
 [build-system]
 requires = ["hatchling"]
 build-backend = "hatchling.build"
@@ -82,14 +84,15 @@ def run_flower(
 ) -> Path:
     """Run ``config`` on the SuperNodes of the SuperLink at ``superlink`` (``host:port``); returns the run directory.
 
-    The ServerApp runs on the SuperLink's machine and writes ``config.output_dir`` there (a fresh timestamped
-    directory if unset; with ``settings.resume`` the run to continue), so call this on that machine to read the
-    results. Without ``root_certificates`` the connection is insecure (no TLS). ``stream`` prints the run's log;
+    The ServerApp runs on the SuperLink's machine and checks and writes ``config.output_dir`` there (a fresh
+    timestamped directory if unset; with ``settings.resume`` the run to continue; a relative path is taken from the
+    ServerApp's working directory), so call this on that machine to read the results; nothing here checks it. Without ``root_certificates`` the connection is insecure (no TLS). ``stream`` prints the run's log;
     after ``timeout`` seconds (or on Ctrl-C) the run is stopped and ``TimeoutError`` (``KeyboardInterrupt``)
     raised. A run that fails raises :class:`FlowerRunError` with Flower's reason.
     """
     settings = settings or FlowerSettings()
-    config = run_output_dir(config, settings.resume)
+    if config.output_dir is None and not settings.resume:
+        config = replace(config, output_dir=str(default_output_dir(config)))
     run_config = to_run_config(config, settings)
     with tempfile.TemporaryDirectory(prefix="fedlora-flower-") as tmp:
         app_dir = write_app(Path(tmp) / "app")

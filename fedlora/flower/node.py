@@ -8,7 +8,7 @@ only that node has (``data-path``, in the run's ``data.source`` format, one clie
 file's stem).
 
 The client's state after each round it trains (personal tensors, local optimizer state) is written to the node's
-disk, atomically, under ``<state-dir>/<run>/<client>/round-<k>/`` (:class:`~fedlora.federated.storage.ClientRounds`;
+disk, atomically, under ``<state-dir>/<run>/<client>/round-<k>/`` (:class:`~fedlora.federated.rundir.storage.ClientRounds`;
 ``state-dir`` defaults to ``fedlora-state`` in the SuperNode's Flower home, ``<run>`` is named after the run's
 ``output_dir``), so a node that is killed and restarted with the same data continues with its own state: the server
 names the round of the state to train or be scored from in every message.
@@ -28,8 +28,8 @@ from fedlora.data import ClientData, build_federated_data
 from fedlora.federated.build import build_client
 from fedlora.federated.client import ClientState, FederatedClient
 from fedlora.federated.config import RunConfig
-from fedlora.federated.paths import client_dir_name
-from fedlora.federated.storage import ClientRounds
+from fedlora.federated.rundir.paths import client_dir_name
+from fedlora.federated.rundir.storage import ClientRounds
 
 PARTITION_ID, NUM_PARTITIONS = "partition-id", "num-partitions"
 DATA_PATH, CLIENT_ID, MODEL_PATH, STATE_DIR = "data-path", "client-id", "model-path", "state-dir"

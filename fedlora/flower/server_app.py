@@ -1,30 +1,25 @@
 """The Flower ServerApp: fedlora's round driver over the SuperNodes connected to the SuperLink.
 
-:func:`serve` opens the run directory as the in-process engine does (a fresh run, or with ``resume`` its newest
-intact checkpoint), waits for the SuperNodes, asks each for its client id, and hands the rounds to
+:func:`serve` opens the run as the in-process engine does (:func:`~fedlora.federated.session.open_session`: a
+fresh run, or with ``resume`` its newest intact checkpoint), waits for the SuperNodes, asks each for its client id, and hands the rounds to
 :func:`fedlora.federated.rounds.run_rounds` with a :class:`~fedlora.flower.transport.FlowerTransport`:
-:class:`~fedlora.flower.strategy.FedLoraStrategy` (optionally wrapped by a Flower DP wrapper) samples and
+:class:`~fedlora.flower.strategy.FedLoraStrategy` (wrapped by Flower's DP wrapper when ``privacy.mechanism`` names one) samples and
 aggregates. The run directory on the SuperLink's machine gets what the in-process engine writes there except the
 client states, which the SuperNodes keep on their disks; its checkpoint records each client's last round.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedlora.data import resolve_prompt_format
-from fedlora.federated.build import build_client
 from fedlora.federated.config import RunConfig
-from fedlora.federated.rounds import run_rounds
-from fedlora.federated.rundir import open_run
-from fedlora.federated.server import FederatedServer
-from fedlora.federated.strategy import STRATEGIES
-from fedlora.flower.config import FlowerSettings, from_run_config, run_output_dir
-from fedlora.flower.strategy import FedLoraStrategy, check_privacy, with_privacy
+from fedlora.federated.rundir.opening import absolute_output_dir
+from fedlora.federated.session import open_session
+from fedlora.flower.config import FlowerSettings, from_run_config
+from fedlora.flower.strategy import FedLoraStrategy, with_privacy
 from fedlora.flower.transport import FlowerTransport, identify, wait_for_nodes
 
 app = ServerApp()
@@ -38,21 +33,13 @@ def main(grid: Grid, context: Context) -> None:
 
 def serve(grid: Grid, config: RunConfig, settings: FlowerSettings) -> Path:
     """Run (with ``settings.resume``, continue) the federation described by ``config`` on ``grid``'s SuperNodes;
-    returns the run directory."""
-    if not STRATEGIES[config.strategy].trains_each_client:
-        raise ValueError(f"strategy {config.strategy!r} trains one pooled client and cannot run on Flower")
-    check_privacy(config, settings)
-    config, run_dir, checkpoint = open_run(run_output_dir(config, settings.resume), settings.resume)
-    adapter_dir = run_dir.global_adapter if run_dir.global_adapter.exists() else None
-    client = build_client(config, adapter_dir=adapter_dir, progress=False)
-    prompt_format = resolve_prompt_format(config.data.prompt_format, client.tokenizer)  # as the nodes resolve it
-    config = replace(config, data=replace(config.data, prompt_format=prompt_format))
+    returns the run directory (``output_dir``, made absolute on this machine)."""
+    session = open_session(absolute_output_dir(config), settings.resume, "flower", progress=False)
+    config, server = session.config, session.server
     node_ids = wait_for_nodes(grid, settings.min_nodes_for(config), settings.node_timeout)
     nodes = identify(grid, node_ids, settings.round_timeout)
-    server = FederatedServer(client.snapshot(client.names["shared"]), config.server, config.seed, config.privacy)
     fedlora = FedLoraStrategy(server, nodes)
-    strategy = with_privacy(fedlora, settings, len(server.sample(1, list(nodes))))
+    strategy = with_privacy(fedlora, config.privacy, len(server.sample(1, list(nodes))))
     strategy.summary()
     transport = FlowerTransport(grid, fedlora, strategy, server, settings.round_timeout)
-    heading = f"fedlora {config.strategy} on Flower: clients {list(nodes)}"
-    return run_rounds(config, run_dir, checkpoint, server, client, transport, heading=heading, progress=False)
+    return session.run(transport, heading=f"fedlora {config.strategy} on Flower: clients {list(nodes)}", progress=False)

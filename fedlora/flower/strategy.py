@@ -1,7 +1,7 @@
 """A Flower strategy whose client sampling, aggregation and server optimizer are fedlora's FederatedServer.
 
 :class:`FedLoraStrategy` implements Flower's message-based :class:`~flwr.serverapp.strategy.Strategy`, so Flower's
-strategy wrappers (differential privacy) can wrap it; all the algorithm stays in
+strategy wrappers (differential privacy, ``privacy.mechanism``) can wrap it; all the algorithm stays in
 :class:`fedlora.federated.server.FederatedServer`. The arrays Flower passes to ``configure_train`` are taken as the
 current global shared tensors, so whatever a wrapper did to the last aggregate (e.g. added noise) is what the
 clients train from next.
@@ -22,12 +22,11 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from fedlora.federated.config import RunConfig
+from fedlora.federated.config import PrivacySettings
 from fedlora.federated.message import FitRes, Rejection
 from fedlora.federated.report import GLOBAL_MODEL, summarize
 from fedlora.federated.rounds import RoundReplies
 from fedlora.federated.server import FederatedServer
-from fedlora.flower.config import CENTRAL_DP, FlowerSettings
 from fedlora.flower.records import (
     ARRAYS,
     CONFIG,
@@ -169,27 +168,14 @@ class FedLoraStrategy(Strategy):
         return good, failures
 
 
-def with_privacy(strategy: Strategy, settings: FlowerSettings, num_sampled: int) -> Strategy:
-    """``strategy`` wrapped in the central-DP wrapper ``settings.dp`` names (``local`` DP runs on the nodes)."""
+def with_privacy(strategy: Strategy, privacy: PrivacySettings, num_sampled: int) -> Strategy:
+    """``strategy`` wrapped in Flower's central-DP wrapper for ``privacy.mechanism`` (``server-fixed`` or
+    ``client-fixed``); any other mechanism leaves it as it is (``local`` runs on the nodes, ``dp-fedavg`` in the
+    server)."""
     wrappers = {
         "server-fixed": DifferentialPrivacyServerSideFixedClipping,
         "client-fixed": DifferentialPrivacyClientSideFixedClipping,
     }
-    if settings.dp not in wrappers:
+    if privacy.mechanism not in wrappers:
         return strategy
-    return wrappers[settings.dp](strategy, settings.dp_noise_multiplier, settings.dp_clipping_norm, num_sampled)
-
-
-def check_privacy(config: RunConfig, settings: FlowerSettings) -> None:
-    """Central DP adds noise to the new global tensors, calibrated for a plain average: it needs FedAvg. Flower's DP
-    (``dp``) and the engine's (``privacy.*``) are alternatives, not to be stacked."""
-    if settings.dp != "none" and config.privacy.enabled:
-        raise ValueError(
-            f"dp={settings.dp!r} (Flower's DP) and privacy.noise_multiplier={config.privacy.noise_multiplier} "
-            "(fedlora's DP-FedAvg) are both on; choose one"
-        )
-    if settings.dp in CENTRAL_DP and config.server.optimizer != "fedavg":
-        raise ValueError(
-            f"dp={settings.dp!r} calibrates its noise for an average of the clients' tensors; it needs "
-            f"server.optimizer=fedavg, not {config.server.optimizer!r}"
-        )
+    return wrappers[privacy.mechanism](strategy, privacy.noise_multiplier, privacy.clip_norm, num_sampled)

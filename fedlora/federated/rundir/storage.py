@@ -17,9 +17,9 @@
                                in the last round)
     <run>/client_names.json    each client's directory name and its id (the label or file name it came from)
 
-A client's directory name is :func:`~fedlora.federated.paths.client_dir_name` of its id: ids come from data, so
+A client's directory name is :func:`~fedlora.federated.rundir.paths.client_dir_name` of its id: ids come from data, so
 ``../x``, ``/abs``, ``""`` or a 300-character label become safe, bounded names. Every path written or deleted is
-checked by the run directory's :class:`~fedlora.federated.paths.PathGuard`: it lies inside the run directory and
+checked by the run directory's :class:`~fedlora.federated.rundir.paths.PathGuard`: it lies inside the run directory and
 passes through no link there (:meth:`RunDir.check_links` refuses a run directory holding one before anything starts).
 
 Every checkpoint and client state directory also holds ``manifest.json``, the size and SHA-256 of each of its
@@ -59,7 +59,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from fedlora.federated.paths import CLIENT_NAMES_FILE, PathGuard, client_dir_name, client_dir_names
+from fedlora.federated.rundir.paths import CLIENT_NAMES_FILE, PathGuard, client_dir_name, client_dir_names
 
 if TYPE_CHECKING:
     from fedlora.federated.client import ClientState
@@ -111,7 +111,7 @@ class RunDir:
 
     def inside(self, path: Path) -> Path:
         """``path``, checked to lie inside the run directory and to pass through no link there (else an
-        :class:`~fedlora.federated.paths.UnsafePathError`): what every write or removal goes through."""
+        :class:`~fedlora.federated.rundir.paths.UnsafePathError`): what every write or removal goes through."""
         return self.guard.check(path)
 
     def check_links(self) -> None:
@@ -124,7 +124,7 @@ class RunDir:
 
     def write_client_names(self, client_ids: Iterable[str]) -> None:
         """Record each client's directory name and id in ``client_names.json`` (a ``ValueError`` when two ids would share
-        a directory: check with :func:`~fedlora.federated.paths.client_dir_names` before anything is written)."""
+        a directory: check with :func:`~fedlora.federated.rundir.paths.client_dir_names` before anything is written)."""
         names = {name: client_id for client_id, name in client_dir_names(client_ids).items()}
         text = json.dumps(names, indent=2, ensure_ascii=False) + "\n"
         atomic_write(self.inside(self.client_names), lambda tmp: tmp.write_text(text, encoding="utf-8"))

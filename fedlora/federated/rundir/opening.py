@@ -3,18 +3,20 @@
 Both engines open their run this way (:func:`open_run`), before the model loads and before anything is written: a
 fresh run needs an absent or empty directory; a resume needs a run whose saved configuration differs from this one
 only in :data:`RESUMABLE_KEYS`, and continues from its newest intact checkpoint (see
-:meth:`~fedlora.federated.storage.RunDir.recover`).
+:meth:`~fedlora.federated.rundir.storage.RunDir.recover`).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from fedlora.federated.checks import check_resume_rounds, check_settings
+from fedlora.federated.checks import check_min_clients, check_settings
 from fedlora.federated.config import RunConfig, config_differences, load_run_config
-from fedlora.federated.storage import (
+from fedlora.federated.rundir.paths import client_dir_names
+from fedlora.federated.rundir.storage import (
     Checkpoint,
     RunDir,
     check_free_space,
@@ -29,6 +31,12 @@ RESUMABLE_KEYS = ("rounds", "device", "output_dir", "eval.")  # settings --resum
 def default_output_dir(config: RunConfig) -> Path:
     """``runs/<strategy>-<timestamp>``."""
     return Path("runs") / f"{config.strategy}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def absolute_output_dir(config: RunConfig) -> RunConfig:
+    """``config`` with an absolute ``output_dir`` on this machine (:func:`default_output_dir` if unset): what
+    Flower's processes name the run by."""
+    return replace(config, output_dir=str(Path(config.output_dir or default_output_dir(config)).absolute()))
 
 
 def open_run(config: RunConfig, resume: bool) -> tuple[RunConfig, RunDir, Checkpoint | None]:
@@ -76,3 +84,19 @@ def check_run_dir(config: RunConfig, resume: bool) -> RunConfig:
         run_dir.path, estimate_run_bytes(shared=0, personal=0, adapter=0, clients=clients, rounds=config.rounds)
     )
     return replace(config, output_dir=str(run_dir.path))
+
+
+def check_clients(config: RunConfig, client_ids: Sequence[str]) -> None:
+    """Once the data is split: every client that trains (``client_ids``) gets its own state directory, and a round
+    can sample ``server.min_clients`` of them."""
+    client_dir_names(client_ids)
+    check_min_clients(config, len(client_ids))
+
+
+def check_resume_rounds(config: RunConfig, committed: int) -> None:
+    """``--resume --rounds N`` needs N at least the rounds the run directory already committed."""
+    if config.rounds < committed:
+        raise ValueError(
+            f"rounds (--rounds) {config.rounds} is below the {committed} round(s) {config.output_dir} already "
+            f"committed; pass --rounds {committed} or more to continue it"
+        )
