@@ -73,6 +73,8 @@ KEY_HELP = {
     "eval.batch_size": "evaluation batch size",
     "eval.rouge_examples": "rows per split scored by ROUGE-L of greedy generations (0: none)",
     "eval.max_new_tokens": "tokens generated per row for ROUGE-L",
+    "eval.fraction": "share of the clients scored on their own test splits (seeded, the same every round)",
+    "eval.clients": "number of clients scored on their own test splits (instead of eval.fraction; none: all)",
 }
 
 TRAIN_FLAGS = {
