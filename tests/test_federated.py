@@ -444,9 +444,11 @@ def test_a_round_holds_only_its_own_clients_states(make_config, run, monkeypatch
     clients exist (the others are read from the run directory when needed, one at a time)."""
     alive: dict[str, list[int]] = {"fit": [], "evaluate": []}
     fit, evaluate = FederatedClient.fit, FederatedClient.evaluate
+    gc.collect()
+    earlier = {id(obj) for obj in gc.get_objects() if isinstance(obj, ClientState)}  # other tests' leftovers
 
     def count(kind: str) -> None:
-        alive[kind].append(sum(isinstance(obj, ClientState) for obj in gc.get_objects()))
+        alive[kind].append(sum(isinstance(obj, ClientState) and id(obj) not in earlier for obj in gc.get_objects()))
 
     def counting_fit(self, state, ins):
         count("fit")

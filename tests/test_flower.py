@@ -536,4 +536,7 @@ def test_the_launcher_stops_what_it_started(tmp_path):
         pids = [child for process in started.processes for child in [process.pid, *descendants(process.pid)]]
         assert len(pids) >= 3
         raise RuntimeError("the run failed")
+    deadline = time.monotonic() + 5  # SIGKILL is delivered at once, but a loaded machine may take a moment to end them
+    while [pid for pid in pids if alive(pid)] and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert not [pid for pid in pids if alive(pid)]
