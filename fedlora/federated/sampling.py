@@ -1,4 +1,5 @@
-"""Which clients a run scores: one seeded sample of them, drawn once per run, so every round scores the same ones.
+"""Seeded samples of clients: the clients a round trains (:meth:`~fedlora.federated.server.FederatedServer.sample`,
+seed sequence [seed, round]) and the ones a run scores, drawn once per run so every round scores the same ones.
 
 Both engines score the clients the round driver draws here (:func:`eval_clients`), from ``eval.clients`` or
 ``eval.fraction`` (see :class:`~fedlora.federated.config.EvalSettings`) and the run's seed; the draw is its own
@@ -16,12 +17,23 @@ from fedlora.federated.config import EvalSettings
 EVAL_STREAM = 0x65766131  # the seed sequence [seed, EVAL_STREAM] is the evaluation draw's; training uses [seed, round]
 
 
+def fraction_size(fraction: float, num_clients: int) -> int:
+    """``max(1, round(fraction · num_clients))``: a fraction of the clients, at least one."""
+    return max(1, round(fraction * num_clients))
+
+
+def draw(seed: Sequence[int], client_ids: Sequence[str], count: int) -> list[str]:
+    """``count`` of ``client_ids`` drawn without replacement by the seed sequence ``seed``, in the given order."""
+    chosen = np.random.default_rng(list(seed)).choice(len(client_ids), size=count, replace=False)
+    return [client_ids[i] for i in sorted(chosen.tolist())]
+
+
 def eval_sample_size(settings: EvalSettings, num_clients: int) -> int:
     """How many of ``num_clients`` clients are scored: ``min(clients, N)`` when ``settings.clients`` is set, else
-    ``max(1, round(fraction · N))``."""
+    :func:`fraction_size` of ``settings.fraction``."""
     if settings.clients is not None:
         return min(settings.clients, num_clients)
-    return max(1, round(settings.fraction * num_clients))
+    return fraction_size(settings.fraction, num_clients)
 
 
 def eval_clients(settings: EvalSettings, seed: int, client_ids: Sequence[str]) -> list[str]:
@@ -30,5 +42,4 @@ def eval_clients(settings: EvalSettings, seed: int, client_ids: Sequence[str]) -
     count = eval_sample_size(settings, len(client_ids))
     if count == len(client_ids):
         return list(client_ids)
-    chosen = np.random.default_rng([seed, EVAL_STREAM]).choice(len(client_ids), size=count, replace=False)
-    return [client_ids[i] for i in sorted(chosen.tolist())]
+    return draw([seed, EVAL_STREAM], client_ids, count)

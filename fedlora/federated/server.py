@@ -5,13 +5,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 
-import numpy as np
 from torch import Tensor
 
 from fedlora.federated.aggregation import aggregate_updates, clip_update, make_server_optimizer, update_norm
 from fedlora.federated.config import PrivacySettings, ServerSettings
 from fedlora.federated.message import FitIns, FitRes, Rejection
 from fedlora.federated.privacy import dp_fedavg, epsilon
+from fedlora.federated.sampling import draw, fraction_size
 
 logger = logging.getLogger(__name__)
 
@@ -49,13 +49,11 @@ class FederatedServer:
 
     def sample_size(self, num_clients: int) -> int:
         """How many of ``num_clients`` clients train in a round: ``max(1, round(fraction · num_clients))``."""
-        return max(1, round(self.settings.fraction * num_clients))
+        return fraction_size(self.settings.fraction, num_clients)
 
     def sample(self, round_: int, client_ids: Sequence[str]) -> list[str]:
         """The clients that train in ``round_``, in the given order (a seeded draw without replacement)."""
-        count = self.sample_size(len(client_ids))
-        chosen = np.random.default_rng([self.seed, round_]).choice(len(client_ids), size=count, replace=False)
-        return [client_ids[i] for i in sorted(chosen.tolist())]
+        return draw([self.seed, round_], client_ids, self.sample_size(len(client_ids)))
 
     def fit_ins(self, round_: int) -> FitIns:
         """What every sampled client receives: the round and the global shared tensors."""
