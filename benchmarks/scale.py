@@ -1,17 +1,19 @@
 """What a round costs as the federation grows: peak memory, seconds per round and run-directory growth at 10, 100
 and 1,000 clients on the in-process engine (CPU, a tiny randomly initialised Llama, as the tests use).
 
-``python -m benchmarks.scale [--clients 10 100 1000] [--fraction 0.01] [--sampled 10] [--rounds 6]
-[--examples 3000] [--data DOLLY.jsonl] [--dry-run]``
+``python -m benchmarks.scale [--clients 10 100 1000] [--fraction 0.01] [--sampled 10] [--rounds 8]
+[--examples-per-client 8] [--data DOLLY.jsonl] [--dry-run]``
 
 Every configuration runs ``fedlora-opt`` in a fresh Python process of its own (so peak RSS is that run's alone):
-the same ``--examples`` rows (a seeded sample of ``--data``, or synthetic Dolly-format rows without it) split IID
-over ``N`` clients, ``--rounds`` rounds, every round evaluated (the loss; no generation), in two series:
+``N`` clients of ``--examples-per-client`` rows each (``data.max_examples = N × rows``: a seeded sample of
+``--data``, or synthetic Dolly-format rows without it, split IID), so a sampled client costs the same at every
+``N``; ``--rounds`` rounds, every round evaluated (the loss; no generation), in two series:
 
-* ``fraction``: ``server.fraction = eval.fraction = --fraction`` (the issue's setting: at 0.01, 1 client trains
-  and 1 is scored a round at 10 and 100 clients, 10 at 1,000);
-* ``fixed-sample``: ``--sampled`` clients train and are scored every round whatever ``N`` (``server.fraction =
-  sampled / N``, ``eval.clients = sampled``): the cost of the federation's size alone.
+* ``fraction``: ``server.fraction = eval.fraction = --fraction`` and nothing else: at 0.01, 1 client trains and 1
+  is scored a round at 10 and 100 clients, 10 at 1,000 (a round costs what its sample costs);
+* ``min-sample``: ``server.fraction = --fraction`` with ``server.min_clients = eval.clients = --sampled`` (Flower's
+  ``min_fit_clients``/``min_evaluate_clients``): 10 clients train and 10 are scored a round at every ``N`` up to
+  1,000, so what changes is the federation's size alone.
 
 Measured in the child: ``peak_rss_mib`` (``getrusage(RUSAGE_SELF).ru_maxrss``, the whole process: torch, the model,
 the data and the run), ``rss_before_run_mib`` (the same once torch, the model and tokenizer are loaded, before the
@@ -25,7 +27,7 @@ and were scored per round (``sampled``, ``scored``).
 Each configuration appends one row (with :func:`~benchmarks.common.provenance` and the run's ``config_hash``) to
 ``<results-dir>/scale-cpu-<UTC date>-<commit7>.jsonl``; the ``.md`` table (per series, with the ratio of each row to
 the series' smallest federation) and the ``.png`` (peak RSS and seconds per round against the number of clients)
-are rewritten after every row. ``--dry-run``: 4 and 8 clients, 3 rounds, 48 rows, into ``--results-dir``.
+are rewritten after every row. ``--dry-run``: 4 and 8 clients, 3 rounds, into ``--results-dir``.
 
 Flower is not measured: fedlora's Flower engine runs one client per SuperNode (a process each, and every message
 rebuilds the node's model and data), and Flower's simulation engine (many virtual clients per process) needs Ray,
@@ -60,7 +62,7 @@ from benchmarks.common import (
     write_jsonl,
 )
 
-SERIES = ("fraction", "fixed-sample")
+SERIES = ("fraction", "min-sample")
 BASE = [  # every configuration: fedlora-opt on the tiny model, short sequences, the loss evaluated every round
     "strategy=fedlora-opt",
     "data.partition=iid",
@@ -78,18 +80,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.scale", description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, nargs="+", default=[10, 100, 1000], help="federation sizes")
     parser.add_argument("--fraction", type=float, default=0.01, help="server.fraction and eval.fraction (fraction)")
-    parser.add_argument("--sampled", type=int, default=10, help="clients trained and scored a round (fixed-sample)")
+    parser.add_argument("--sampled", type=int, default=10, help="server.min_clients and eval.clients (min-sample)")
     parser.add_argument("--series", nargs="+", choices=SERIES, default=list(SERIES))
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--examples", type=int, default=3000, help="rows split over the clients (data.max_examples)")
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--examples-per-client", type=int, default=8, help="rows per client")
     parser.add_argument("--data", type=Path, help="a Dolly .jsonl (default: synthetic Dolly-format rows)")
     parser.add_argument("--out", type=Path, help="run directories (default: runs/<results name>)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
-    parser.add_argument("--dry-run", action="store_true", help="4 and 8 clients, 3 rounds, 48 rows (a wiring check)")
+    parser.add_argument("--dry-run", action="store_true", help="4 and 8 clients, 3 rounds (a wiring check)")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # one configuration, as JSON: run it in this process
     args = parser.parse_args(argv)
     if args.dry_run:
-        args.clients, args.rounds, args.examples, args.sampled, args.fraction = [4, 8], 3, 48, 2, 0.25
+        args.clients, args.rounds, args.sampled, args.fraction = [4, 8], 3, 2, 0.25
     return args
 
 
@@ -114,9 +116,13 @@ def overrides(series: str, clients: int, args: argparse.Namespace, data: Path, r
     if series == "fraction":
         sampling = [f"server.fraction={args.fraction}", f"eval.fraction={args.fraction}"]
     else:
-        sampled = min(args.sampled, clients)
-        sampling = [f"server.fraction={sampled / clients}", f"eval.clients={sampled}"]
-    where = [f"data.path={data}", f"data.num_clients={clients}", f"data.max_examples={args.examples}"]
+        sampling = [
+            f"server.fraction={args.fraction}",
+            f"server.min_clients={args.sampled}",
+            f"eval.clients={args.sampled}",
+        ]
+    rows = clients * args.examples_per_client
+    where = [f"data.path={data}", f"data.num_clients={clients}", f"data.max_examples={rows}"]
     return [*BASE, *where, *sampling, f"rounds={args.rounds}", f"output_dir={run_dir}"]
 
 
@@ -162,7 +168,9 @@ def run_child(settings: Sequence[str]) -> dict[str, Any]:
 
 
 def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    """The peak resident memory so far: ``ru_maxrss`` (KiB on Linux), or the resident memory now where the kernel's
+    lazily synced high-water mark still trails it."""
+    return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, _rss_mib())
 
 
 def _rss_mib() -> float:
@@ -260,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> Path | None:
     name = f"scale-cpu-{today()}-{git_commit()[:7]}"
     results = args.results_dir / f"{name}.jsonl"
     out = args.out or Path("runs") / name
-    data = args.data or synthetic_rows(args.examples, out / "synthetic.jsonl")
+    data = args.data or synthetic_rows(max(args.clients) * args.examples_per_client, out / "synthetic.jsonl")
     context = provenance("benchmarks.scale", argv)
     for series in args.series:
         for clients in args.clients:

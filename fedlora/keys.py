@@ -58,7 +58,7 @@ KEY_HELP = {
     "server.beta1": "fedadam, fedyogi: first-moment decay",
     "server.beta2": "fedadam, fedyogi: second-moment decay",
     "server.tau": "fedadam, fedyogi: adaptivity (epsilon)",
-    "server.min_clients": "a round needs at least this many valid client results",
+    "server.min_clients": "a round samples at least this many clients and needs as many valid results",
     "server.max_update_norm": "reject a client update whose norm exceeds this (none: no limit)",
     "server.clip_norm": "clip each client update to this norm (none: no clipping)",
     "server.aggregator": "how the client updates are combined (mean: example-weighted; the others coordinate-wise)",

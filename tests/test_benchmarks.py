@@ -191,15 +191,16 @@ def test_scale_dry_run_measures_each_federation_in_its_own_process(tmp_path: Pat
     """The scale benchmark's wiring at 4 and 8 clients: one row each, with the clients that really trained and were
     scored per round (read back from the runs' metrics), positive measurements, and the table and plot written."""
     out, results_dir = str(tmp_path / "runs"), str(tmp_path / "results")
-    results = scale.main(["--dry-run", "--series", "fixed-sample", "--out", out, "--results-dir", results_dir])
+    results = scale.main(["--dry-run", "--series", "min-sample", "--out", out, "--results-dir", results_dir])
     rows = read_jsonl(results)
-    assert [(row["series"], row["clients"]) for row in rows] == [("fixed-sample", 4), ("fixed-sample", 8)]
+    assert [(row["series"], row["clients"]) for row in rows] == [("min-sample", 4), ("min-sample", 8)]
     for row in rows:
         assert (row["sampled"], row["scored"]) == (2, 2)  # --sampled, whatever the federation's size
+        assert f"data.max_examples={8 * row['clients']}" in row["settings"]  # the same rows per client
         assert row["peak_rss_mib"] >= max(row["rss_before_run_mib"], row["rss_end_mib"]) > 0
         assert row["s_per_round"] > 0 and len(row["round_s"]) == row["rounds"] - 1 == 2
         assert row["dir_mib"] > 0 and row["startup_s"] > 0 and row["commit"] and row["config_hash"]
-        assert f"server.fraction={2 / row['clients']}" in row["settings"] and "eval.clients=2" in row["settings"]
+        assert {"server.fraction=0.25", "server.min_clients=2", "eval.clients=2"} <= set(row["settings"])
     table = results.with_suffix(".md").read_text()
-    assert "| fixed-sample | 8 | 2 | 2 |" in table
+    assert "| min-sample | 8 | 2 | 2 |" in table
     assert results.with_suffix(".png").read_bytes().startswith(b"\x89PNG")

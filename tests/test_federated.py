@@ -231,6 +231,24 @@ def test_client_sampling_is_seeded():
     assert len({tuple(p) for p in picks}) > 1
 
 
+@pytest.mark.parametrize(
+    ("fraction", "min_clients", "clients", "sampled"),
+    [
+        (0.01, 1, 10, 1),
+        (0.01, 1, 1000, 10),
+        (0.01, 10, 10, 10),
+        (0.01, 10, 100, 10),
+        (0.01, 10, 1000, 10),
+        (0.01, 10, 2000, 20),
+        (0.5, 3, 4, 3),
+        (1.0, 1, 7, 7),
+    ],
+)
+def test_a_round_samples_fraction_of_the_clients_and_at_least_min_clients(fraction, min_clients, clients, sampled):
+    server = FederatedServer({}, ServerSettings(fraction=fraction, min_clients=min_clients), seed=0)
+    assert len(server.sample(1, [f"c{i}" for i in range(clients)])) == sampled  # Flower's min_fit_clients
+
+
 def test_eval_sample_is_seeded_and_at_least_one_client():
     ids = [f"c{i:03d}" for i in range(100)]
     picks = eval_clients(EvalSettings(clients=10), 3, ids)

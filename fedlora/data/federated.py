@@ -117,17 +117,34 @@ class DataConfig(Section):
             raise ValueError(f"partition={self.partition!r} needs num_clients")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ClientData:
-    """One client's private data; ``num_train_examples`` is its weight in sample-weighted averaging."""
+    """One client's private data: rows ``train_rows`` and ``test_rows`` of ``source``, each split selected when it is
+    read, so a federation holds its sources and every client's row indices, not two datasets per client.
+    ``num_train_examples`` is the client's weight in sample-weighted averaging."""
 
     client_id: str
-    train: Dataset
-    test: Dataset
+    source: Dataset
+    train_rows: np.ndarray
+    test_rows: np.ndarray
+
+    @classmethod
+    def of(cls, client_id: str, train: Dataset, test: Dataset) -> ClientData:
+        """A client whose splits are the datasets ``train`` and ``test``."""
+        rows = np.arange(len(train) + len(test))
+        return cls(client_id, concatenate_datasets([train, test]), rows[: len(train)], rows[len(train) :])
+
+    @property
+    def train(self) -> Dataset:
+        return self.source.select(self.train_rows)
+
+    @property
+    def test(self) -> Dataset:
+        return self.source.select(self.test_rows)
 
     @property
     def num_train_examples(self) -> int:
-        return len(self.train)
+        return len(self.train_rows)
 
 
 @dataclass(frozen=True)
@@ -159,23 +176,26 @@ def build_federated_data(config: DataConfig, tokenizer: PreTrainedTokenizerBase 
         named = [(name, _sample(ds, config.max_examples, rng)) for name, ds in named]
     if tokenizer is not None:
         named = [(name, tokenize_dataset(ds, tokenizer, config.max_length, prompt_format)) for name, ds in named]
-    client_sets = named if config.partition == "files" else _partition(named[0][1], config)
-    _check_client_sizes(client_sets, config)
+    client_rows = _client_rows(named, config)
+    _check_client_sizes(client_rows, config)
 
     clients = []
-    for index, (client_id, dataset) in enumerate(client_sets):
+    for index, (client_id, source, rows) in enumerate(client_rows):
         try:
-            train, test = split_train_test(dataset, config.test_fraction, seed=(config.seed, index))
+            train, test = split_rows(len(rows), config.test_fraction, seed=(config.seed, index))
         except ValueError as error:
             raise ValueError(f"client {client_id!r}: {error}") from error
-        clients.append(ClientData(client_id, train, test))
-    global_test = concatenate_datasets([client.test for client in clients])
+        clients.append(ClientData(client_id, source, rows[train], rows[test]))
+    tests = [(source, [c.test_rows for c in clients if c.source is source]) for _, source in named]
+    global_test = concatenate_datasets([source.select(np.concatenate(rows)) for source, rows in tests])  # client order
     if config.global_test_size is not None:
         global_test = _sample(global_test, config.global_test_size, rng)
+    sizes = [c.num_train_examples for c in clients]
     logger.info(
-        "%d clients, train sizes %s, global test %d, prompt format %s",
+        "%d clients, train sizes %d to %d, global test %d, prompt format %s",
         len(clients),
-        [c.num_train_examples for c in clients],
+        min(sizes),
+        max(sizes),
         len(global_test),
         prompt_format,
     )
@@ -183,12 +203,19 @@ def build_federated_data(config: DataConfig, tokenizer: PreTrainedTokenizerBase 
 
 
 def split_train_test(dataset: Dataset, test_fraction: float, seed: int | tuple[int, ...]) -> tuple[Dataset, Dataset]:
-    """Seeded shuffle-split; the test split gets ``round(test_fraction · n)`` rows but at least one, train ≥ one."""
-    n_test = max(1, round(test_fraction * len(dataset)))
-    if n_test >= len(dataset):
-        raise ValueError(f"cannot split {len(dataset)} examples into non-empty train and test (test={n_test})")
-    order = np.random.default_rng(seed).permutation(len(dataset))
-    return dataset.select(sorted(order[n_test:].tolist())), dataset.select(sorted(order[:n_test].tolist()))
+    """``dataset``'s train and test splits by :func:`split_rows`."""
+    train, test = split_rows(len(dataset), test_fraction, seed)
+    return dataset.select(train), dataset.select(test)
+
+
+def split_rows(n: int, test_fraction: float, seed: int | tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded shuffle-split of rows ``0..n-1``, each part in ascending order: the test part gets
+    ``round(test_fraction · n)`` rows but at least one, train at least one."""
+    n_test = max(1, round(test_fraction * n))
+    if n_test >= n:
+        raise ValueError(f"cannot split {n} examples into non-empty train and test (test={n_test})")
+    order = np.random.default_rng(seed).permutation(n)
+    return np.sort(order[n_test:]), np.sort(order[:n_test])
 
 
 def _load_named_datasets(config: DataConfig) -> list[tuple[str, Dataset]]:
@@ -209,11 +236,16 @@ def _load_named_datasets(config: DataConfig) -> list[tuple[str, Dataset]]:
     return [("all", concatenate_datasets([ds for _, ds in named]))]
 
 
-def _partition(dataset: Dataset, config: DataConfig) -> list[tuple[str, Dataset]]:
+def _client_rows(named: list[tuple[str, Dataset]], config: DataConfig) -> list[tuple[str, Dataset, np.ndarray]]:
+    """(client id, source, the client's rows of it) per client: each file whole for ``partition="files"``, else the
+    one pooled dataset partitioned by ``config``."""
+    if config.partition == "files":
+        return [(name, dataset, np.arange(len(dataset))) for name, dataset in named]
+    ((_, dataset),) = named
     if config.partition == "label":
         labels = dataset["label"]
         shares = label_partition(labels, config.num_clients or len(set(labels)))
-        return [(labels[rows[0]], dataset.select(rows)) for rows in shares]
+        return [(labels[rows[0]], dataset, np.asarray(rows)) for rows in shares]
     if config.partition == "dirichlet":
         shares = dirichlet_partition(
             dataset["label"], config.num_clients, config.alpha, config.seed, min_examples=config.min_examples
@@ -221,13 +253,13 @@ def _partition(dataset: Dataset, config: DataConfig) -> list[tuple[str, Dataset]
     else:
         shares = iid_partition(len(dataset), config.num_clients, config.seed)
     width = len(str(len(shares) - 1))
-    return [(f"client_{i:0{width}d}", dataset.select(rows)) for i, rows in enumerate(shares)]
+    return [(f"client_{i:0{width}d}", dataset, np.asarray(rows)) for i, rows in enumerate(shares)]
 
 
-def _check_client_sizes(client_sets: list[tuple[str, Dataset]], config: DataConfig) -> None:
-    if config.partition == "files" and config.num_clients not in (None, len(client_sets)):
-        raise ValueError(f"partition='files' gives {len(client_sets)} clients but num_clients={config.num_clients}")
-    small = {name: len(ds) for name, ds in client_sets if len(ds) < config.min_examples}
+def _check_client_sizes(client_rows: list[tuple[str, Dataset, np.ndarray]], config: DataConfig) -> None:
+    if config.partition == "files" and config.num_clients not in (None, len(client_rows)):
+        raise ValueError(f"partition='files' gives {len(client_rows)} clients but num_clients={config.num_clients}")
+    small = {name: len(rows) for name, _, rows in client_rows if len(rows) < config.min_examples}
     if small:
         raise ValueError(f"clients with fewer than min_examples={config.min_examples} examples: {small}")
 

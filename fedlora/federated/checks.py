@@ -60,12 +60,12 @@ def check_settings(config: RunConfig) -> None:
 
 
 def check_min_clients(config: RunConfig, clients: int) -> None:
-    """``server.min_clients`` must not exceed the clients a round samples from ``clients`` clients."""
-    sampled = max(1, round(config.server.fraction * clients))
-    if config.server.min_clients > sampled:
+    """``server.min_clients`` must not exceed the ``clients`` clients of the federation (a round samples at least
+    that many, and needs as many valid results)."""
+    if config.server.min_clients > clients:
         raise ValueError(
-            f"server.min_clients={config.server.min_clients} is more than the {sampled} client(s) a round samples "
-            f"(server.fraction={config.server.fraction} of {clients} client(s)), so no round could succeed"
+            f"server.min_clients={config.server.min_clients} is more than the {clients} client(s) of the federation, "
+            "so no round could succeed"
         )
 
 

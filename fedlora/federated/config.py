@@ -99,7 +99,8 @@ class ServerSettings(Section):
     """Client sampling, the checks on every client's result, how the updates are combined, and the server optimizer
     (the math is in ``aggregation``).
 
-    Each round samples ``fraction`` of the clients (at least one). The server rejects a client's result (logs why
+    Each round samples ``fraction`` of the clients and at least ``min_clients`` (all when the federation has fewer;
+    see :mod:`fedlora.federated.sampling`), as Flower's ``fraction_fit`` and ``min_fit_clients`` do. The server rejects a client's result (logs why
     and leaves it out of the round; the run writes a ``"status": "rejected"`` train row) when its tensors are not
     exactly the shared set, differ in shape or dtype, hold NaN or Inf, or its update norm ‖yᵢ − x_t‖₂ (over all
     shared tensors) exceeds ``max_update_norm`` (None: no limit). The default is far above what local training

@@ -52,7 +52,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 
 from fedlora.federated.config import RunConfig
-from fedlora.federated.sampling import fraction_size
+from fedlora.federated.sampling import train_sample_size
 from fedlora.federated.strategy import STRATEGIES
 from fedlora.models import PACKAGED_SMOLLM2, model_kind
 
@@ -124,7 +124,7 @@ def estimate_memory(config: RunConfig) -> list[Term] | None:
     value = getattr(torch, config.model.dtype or "float32").itemsize
     clients = config.data.num_clients or 1
     local_states = 2 if config.client.optimizer == "adamw" else 0
-    sampled = fraction_size(config.server.fraction, clients)
+    sampled = train_sample_size(config.server, clients)
     return [
         Term(
             "base weights",

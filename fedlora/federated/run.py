@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,8 +73,9 @@ def train(
     fed = build_federation(session.config, session.client)
     transport = InProcess(fed, session.server, session.run_dir, progress)
     sizes = [data.num_train_examples for data in fed.data.clients]
+    shown = str(sizes) if len(sizes) <= 16 else f"{min(sizes)} to {max(sizes)}, median {statistics.median_low(sizes)}"
     heading = (
-        f"fedlora {config.strategy}: {len(sizes)} clients (train sizes {sizes}, global test "
+        f"fedlora {config.strategy}: {len(sizes)} clients (train sizes {shown}, global test "
         f"{len(fed.data.global_test)})"
     )
     return session.run(transport, heading=heading, progress=progress)

@@ -1,5 +1,6 @@
 """Seeded samples of clients: the clients a round trains (:meth:`~fedlora.federated.server.FederatedServer.sample`,
-seed sequence [seed, round]) and the ones a run scores, drawn once per run so every round scores the same ones.
+seed sequence [seed, round], :func:`train_sample_size` of them) and the ones a run scores, drawn once per run so
+every round scores the same ones.
 
 Both engines score the clients the round driver draws here (:func:`eval_clients`), from ``eval.clients`` or
 ``eval.fraction`` (see :class:`~fedlora.federated.config.EvalSettings`) and the run's seed; the draw is its own
@@ -12,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from fedlora.federated.config import EvalSettings
+from fedlora.federated.config import EvalSettings, ServerSettings
 
 EVAL_STREAM = 0x65766131  # the seed sequence [seed, EVAL_STREAM] is the evaluation draw's; training uses [seed, round]
 
@@ -20,6 +21,13 @@ EVAL_STREAM = 0x65766131  # the seed sequence [seed, EVAL_STREAM] is the evaluat
 def fraction_size(fraction: float, num_clients: int) -> int:
     """``max(1, round(fraction · num_clients))``: a fraction of the clients, at least one."""
     return max(1, round(fraction * num_clients))
+
+
+def train_sample_size(settings: ServerSettings, num_clients: int) -> int:
+    """How many of ``num_clients`` clients train in a round: ``min(N, max(round(fraction · N), min_clients, 1))``.
+    ``server.min_clients`` is also the least sample, as Flower's ``min_fit_clients``/``min_train_nodes`` is: at
+    ``fraction=0.01`` and ``min_clients=10`` a federation of 10 to 1,000 clients trains 10 a round."""
+    return min(num_clients, max(fraction_size(settings.fraction, num_clients), settings.min_clients))
 
 
 def draw(seed: Sequence[int], client_ids: Sequence[str], count: int) -> list[str]:

@@ -11,7 +11,7 @@ from fedlora.federated.aggregation import aggregate_updates, clip_update, make_s
 from fedlora.federated.config import PrivacySettings, ServerSettings
 from fedlora.federated.message import FitIns, FitRes, Rejection
 from fedlora.federated.privacy import dp_fedavg, epsilon
-from fedlora.federated.sampling import draw, fraction_size
+from fedlora.federated.sampling import draw, train_sample_size
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ class RoundError(RuntimeError):
 class FederatedServer:
     """Holds the global shared tensors x_t and updates them from the clients' :class:`FitRes` messages.
 
-    Each round it samples ``max(1, round(fraction · N))`` clients (seeded by the run seed and the round) and sends
+    Each round it samples ``max(round(fraction · N), min_clients)`` of the N clients (all when fewer) (seeded by the run seed and the round) and sends
     them x_t. From their replies it keeps those that pass :meth:`validate`, turns each into an update Δᵢ = yᵢ − x_t
     (clipped to ``settings.clip_norm`` if set) and combines them into Δ_t with ``settings.aggregator`` (with
     ``privacy`` enabled: DP-FedAvg's clipped, noised, unweighted mean), then sets x_{t+1} = server_optimizer(x_t, Δ_t)
@@ -48,8 +48,8 @@ class FederatedServer:
         self.privacy = privacy if privacy is not None and privacy.dp_fedavg else None  # None: no DP-FedAvg here
 
     def sample_size(self, num_clients: int) -> int:
-        """How many of ``num_clients`` clients train in a round: ``max(1, round(fraction · num_clients))``."""
-        return fraction_size(self.settings.fraction, num_clients)
+        """How many of ``num_clients`` clients train in a round (:func:`~fedlora.federated.sampling.train_sample_size`)."""
+        return train_sample_size(self.settings, num_clients)
 
     def sample(self, round_: int, client_ids: Sequence[str]) -> list[str]:
         """The clients that train in ``round_``, in the given order (a seeded draw without replacement)."""

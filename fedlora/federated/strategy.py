@@ -257,7 +257,7 @@ class Centralized(FederatedStrategy):
 
     def training_clients(self, clients: Sequence[ClientData]) -> list[ClientData]:
         return [
-            ClientData(
+            ClientData.of(
                 POOLED_CLIENT,
                 concatenate_datasets([client.train for client in clients]),
                 concatenate_datasets([client.test for client in clients]),

@@ -58,10 +58,7 @@ def load_node(config: RunConfig, node_config: Mapping[str, Any]) -> Node:
     if DATA_PATH in node_config:
         files = replace(config.data, path=[str(node_config[DATA_PATH])], partition="files", num_clients=None)
         (client,) = build_federated_data(files, app.tokenizer).clients
-        data, global_test = (
-            ClientData(str(node_config.get(CLIENT_ID, client.client_id)), client.train, client.test),
-            None,
-        )
+        data, global_test = replace(client, client_id=str(node_config.get(CLIENT_ID, client.client_id))), None
     elif PARTITION_ID in node_config:
         federated = build_federated_data(config.data, app.tokenizer)
         count, partition = len(federated.clients), int(node_config[PARTITION_ID])
