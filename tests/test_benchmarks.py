@@ -187,13 +187,21 @@ def test_provenance_and_the_default_data_path() -> None:
     assert federated_args(["--data", "dolly-sample"]).data == Path("dolly-sample")
 
 
-def test_scale_dry_run_measures_each_federation_in_its_own_process(tmp_path: Path) -> None:
-    """The scale benchmark's wiring at 4 and 8 clients: one row each, with the clients that really trained and were
-    scored per round (read back from the runs' metrics), positive measurements, and the table and plot written."""
+@pytest.mark.parametrize("engine", ["in-process", "flower"])
+def test_scale_dry_run_measures_each_federation_in_its_own_process(engine: str, tmp_path: Path) -> None:
+    """The scale benchmark's wiring at 4 and 8 clients on each engine: one row each, with the clients that really
+    trained and were scored per round (read back from the runs' metrics), positive measurements, and the table and
+    plot written."""
+    if engine == "flower":
+        pytest.importorskip("ray")  # flwr[simulation], in the dev extra
     out, results_dir = str(tmp_path / "runs"), str(tmp_path / "results")
-    results = scale.main(["--dry-run", "--series", "min-sample", "--out", out, "--results-dir", results_dir])
+    argv = ["--dry-run", "--engines", engine, "--series", "min-sample", "--out", out, "--results-dir", results_dir]
+    results = scale.main(argv)
     rows = read_jsonl(results)
-    assert [(row["series"], row["clients"]) for row in rows] == [("min-sample", 4), ("min-sample", 8)]
+    assert [(row["engine"], row["series"], row["clients"]) for row in rows] == [
+        (engine, "min-sample", 4),
+        (engine, "min-sample", 8),
+    ]
     for row in rows:
         assert (row["sampled"], row["scored"]) == (2, 2)  # --sampled, whatever the federation's size
         assert f"data.max_examples={8 * row['clients']}" in row["settings"]  # the same rows per client
@@ -202,5 +210,5 @@ def test_scale_dry_run_measures_each_federation_in_its_own_process(tmp_path: Pat
         assert row["dir_mib"] > 0 and row["startup_s"] > 0 and row["commit"] and row["config_hash"]
         assert {"server.fraction=0.25", "server.min_clients=2", "eval.clients=2"} <= set(row["settings"])
     table = results.with_suffix(".md").read_text()
-    assert "| min-sample | 8 | 2 | 2 |" in table
+    assert f"| {engine} | min-sample | 8 | 2 | 2 |" in table
     assert results.with_suffix(".png").read_bytes().startswith(b"\x89PNG")

@@ -40,7 +40,7 @@ from fedlora.federated.rundir.storage import RunDir
 from fedlora.flower import FlowerSettings, write_app
 from fedlora.flower.client_app import app as client_app
 from fedlora.flower.config import app_run_config, from_run_config, to_run_config
-from fedlora.flower.launch import ProcessGroup
+from fedlora.flower.launch import ProcessGroup, run_flower, start_superlink
 from fedlora.flower.node import load_node
 from fedlora.flower.server_app import serve
 from tests.tiny import save_tiny_model
@@ -448,6 +448,33 @@ def flower_run(model_dir, data_file, tmp_path_factory) -> Path:
 def test_engine_flower_gives_the_in_process_run(flower_run, reference):
     assert_same_run(flower_run, reference)  # directions trained and averaged; magnitudes at their initial values
     assert sorted(p.name for p in flower_run.glob("nodes/*/*/round-*")) == sorted(["round-1", "round-2"] * 2)
+
+
+def test_flower_simulation_gives_the_in_process_run(reference, make_config, tmp_path):
+    """Flower's simulation runtime (virtual SuperNodes whose messages Ray worker processes serve, each building the
+    model and data once per run) gives the in-process run."""
+    pytest.importorskip("ray")  # flwr[simulation], in the dev extra
+    config, logs = make_config("simulation"), tmp_path / "flower"
+    logs.mkdir()
+    with pytest.MonkeyPatch.context() as patch, ProcessGroup(logs) as group:
+        for key, value in fedlora_env().items():
+            patch.setenv(key, value)
+        superlink = start_superlink(group, simulation=True)
+        nodes = {"num-supernodes": 2}
+        run_dir = run_flower(config, superlink, stream=False, timeout=FLOWER_TIMEOUT, federation_config=nodes)
+    assert_same_run(run_dir, reference)
+
+
+def test_a_process_serving_many_nodes_builds_the_model_and_data_once_per_run(make_config):
+    """A node is its partition of the data the process built for the run, on the model it built for the run; a
+    run with other settings builds its own."""
+    config = make_config("many-nodes")
+    first, second = (load_node(config, partition) for partition in PARTITIONS)
+    assert first.app is second.app and first.data.source is second.data.source
+    assert (first.data.client_id, second.data.client_id) == ("client_0", "client_1")
+    assert load_node(config, PARTITIONS[0]).data.train_rows.tolist() == first.data.train_rows.tolist()
+    other = load_node(make_config("many-nodes", "data.seed=5"), PARTITIONS[0])
+    assert other.app is not first.app and other.data.source is not first.data.source
 
 
 def processes() -> dict[int, tuple[int, str]]:

@@ -1,7 +1,8 @@
 """Run fedlora on Flower's deployment engine: :func:`run_flower` submits a run to a SuperLink (what
 ``fedlora train --engine flower --superlink HOST:PORT`` calls), :func:`local_federation` starts a SuperLink and one
-SuperNode per client on this machine (what ``fedlora train --engine flower`` alone uses), and :func:`write_app`
-writes the Flower app directory ``flwr run`` takes.
+SuperNode per client on this machine (what ``fedlora train --engine flower`` alone uses; :func:`start_superlink`
+starts its SuperLink, or one running Flower's simulation runtime), and :func:`write_app` writes the Flower app
+directory ``flwr run`` takes.
 
 The app directory holds only a ``pyproject.toml``: its components point at the installed
 :mod:`fedlora.flower.server_app` and :mod:`fedlora.flower.client_app`, so every machine needs fedlora installed
@@ -81,6 +82,7 @@ def run_flower(
     root_certificates: str | Path | None = None,
     stream: bool = True,
     timeout: float | None = None,
+    federation_config: Mapping[str, Any] | None = None,
 ) -> Path:
     """Run ``config`` on the SuperNodes of the SuperLink at ``superlink`` (``host:port``); returns the run directory.
 
@@ -88,7 +90,8 @@ def run_flower(
     timestamped directory if unset; with ``settings.resume`` the run to continue; a relative path is taken from the
     ServerApp's working directory), so call this on that machine to read the results; nothing here checks it. Without ``root_certificates`` the connection is insecure (no TLS). ``stream`` prints the run's log;
     after ``timeout`` seconds (or on Ctrl-C) the run is stopped and ``TimeoutError`` (``KeyboardInterrupt``)
-    raised. A run that fails raises :class:`FlowerRunError` with Flower's reason.
+    raised. A run that fails raises :class:`FlowerRunError` with Flower's reason. ``federation_config`` is passed
+    as ``flwr run --federation-config`` (a simulation SuperLink's options, e.g. ``{"num-supernodes": 100}``).
     """
     settings = settings or FlowerSettings()
     if config.output_dir is None and not settings.resume:
@@ -99,7 +102,10 @@ def run_flower(
         overrides = Path(tmp) / "run-config.toml"
         overrides.write_text(_toml_table(run_config))
         env = {**os.environ, "FLWR_HOME": str(_flower_home(Path(tmp) / "home", superlink, root_certificates))}
-        started = _flwr(["run", str(app_dir), CONNECTION, "--run-config", str(overrides), "--format", "json"], env)
+        federation = [f"{key}={toml_value(value)}" for key, value in (federation_config or {}).items()]
+        federation_args = ["--federation-config", " ".join(federation)] if federation else []
+        command = ["run", str(app_dir), CONNECTION, "--run-config", str(overrides), *federation_args]
+        started = _flwr([*command, "--format", "json"], env)
         run_id = str(started["run-id"])
         try:
             subprocess.run(
@@ -130,24 +136,31 @@ def local_federation(config: RunConfig, *, stream: bool = True, startup_timeout:
     if config.data.num_clients is None:
         raise ValueError("data.num_clients (--num-clients): --engine flower starts one SuperNode per client")
     with tempfile.TemporaryDirectory(prefix="fedlora-flower-") as tmp, ProcessGroup(Path(tmp)) as processes:
-        port = _free_port()
-        superlink = processes.start(
-            "superlink",
-            ["flower-superlink", "--insecure", "--port", str(port), "--disable-runtime-dependency-installation"],
-        )
-        _wait_for_port(port, superlink, startup_timeout)
+        address = start_superlink(processes, timeout=startup_timeout)
         state_dir = Path(str(config.output_dir)).absolute() / "nodes"
         count = config.data.num_clients
         for index in range(count):
             node_config = f"{PARTITION_ID}={index} {NUM_PARTITIONS}={count} {STATE_DIR}={json.dumps(str(state_dir))}"
-            args = ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}", "--port", str(_free_port())]
+            args = ["flower-supernode", "--insecure", "--superlink", address, "--port", str(_free_port())]
             processes.start(f"supernode-{index}", [*args, "--node-config", node_config])
         try:
-            yield f"127.0.0.1:{port}"
+            yield address
         except BaseException:
             if stream:
                 print(processes.tail(), file=sys.stderr)
             raise
+
+
+def start_superlink(processes: ProcessGroup, *, simulation: bool = False, timeout: float = 120.0) -> str:
+    """Start an insecure SuperLink on a free port of 127.0.0.1 in ``processes``; its address, once it listens. With
+    ``simulation`` it runs Flower's simulation runtime: ``run_flower(..., federation_config={"num-supernodes": N})``
+    then runs the clients as N virtual SuperNodes in a pool of Ray worker processes (``pip install
+    'flwr[simulation]'``), each worker serving many nodes' messages."""
+    port = _free_port()
+    command = ["flower-superlink", "--insecure", "--port", str(port), "--disable-runtime-dependency-installation"]
+    superlink = processes.start("superlink", [*command, *(["--simulation"] if simulation else [])])
+    _wait_for_port(port, superlink, timeout)
+    return f"127.0.0.1:{port}"
 
 
 class ProcessGroup:

@@ -16,23 +16,25 @@ names the round of the state to train or be scored from in every message.
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from datasets import Dataset
 
 from fedlora.data import ClientData, build_federated_data
 from fedlora.federated.build import build_client
 from fedlora.federated.client import ClientState, FederatedClient
-from fedlora.federated.config import RunConfig
+from fedlora.federated.config import RunConfig, config_leaves
 from fedlora.federated.rundir.paths import client_dir_name
 from fedlora.federated.rundir.storage import ClientRounds
 
 PARTITION_ID, NUM_PARTITIONS = "partition-id", "num-partitions"
 DATA_PATH, CLIENT_ID, MODEL_PATH, STATE_DIR = "data-path", "client-id", "model-path", "state-dir"
+T = TypeVar("T")
 
 
 @dataclass
@@ -54,13 +56,19 @@ class Node:
 
 def load_node(config: RunConfig, node_config: Mapping[str, Any]) -> Node:
     """The client of the SuperNode started with ``node_config`` (``--node-config``)."""
-    app = build_client(config, model_path=node_config.get(MODEL_PATH), progress=False)
+    run = json.dumps(config_leaves(config), sort_keys=True, default=str)
+    model_path = node_config.get(MODEL_PATH)
+    app = _once_per_run(
+        "client", f"{run} {model_path}", lambda: build_client(config, model_path=model_path, progress=False)
+    )
     if DATA_PATH in node_config:
         files = replace(config.data, path=[str(node_config[DATA_PATH])], partition="files", num_clients=None)
         (client,) = build_federated_data(files, app.tokenizer).clients
         data, global_test = replace(client, client_id=str(node_config.get(CLIENT_ID, client.client_id))), None
     elif PARTITION_ID in node_config:
-        federated = build_federated_data(config.data, app.tokenizer)
+        federated = _once_per_run(
+            "data", f"{run} {model_path}", lambda: build_federated_data(config.data, app.tokenizer)
+        )
         count, partition = len(federated.clients), int(node_config[PARTITION_ID])
         if node_config.get(NUM_PARTITIONS, count) != count:
             raise ValueError(f"{NUM_PARTITIONS}={node_config[NUM_PARTITIONS]} but the run's data has {count} clients")
@@ -70,6 +78,21 @@ def load_node(config: RunConfig, node_config: Mapping[str, Any]) -> Node:
     else:
         raise ValueError(f'a SuperNode needs --node-config with {PARTITION_ID}=N or {DATA_PATH}="FILE"')
     return Node(app, data, global_test, ClientRounds(state_dir(config, node_config, data.client_id)))
+
+
+_BUILT: dict[str, tuple[str, Any]] = {}  # kind -> (run key, what this process built for that run last)
+
+
+def _once_per_run(kind: str, key: str, build: Callable[[], T]) -> T:
+    """``build()``, or what it returned when last called for ``kind`` in this process if that was for the same run
+    (``key``). A real SuperNode starts a process per message, so this builds every time; Flower's simulation engine
+    runs many virtual SuperNodes' messages in each worker process, which then builds the model and the partitioned
+    data once per run, not once per message (every message loads all the tensors it trains or scores, as the
+    in-process engine's one model does for every client)."""
+    cached = _BUILT.get(kind)
+    if cached is None or cached[0] != key:
+        _BUILT[kind] = cached = (key, build())
+    return cached[1]
 
 
 def state_dir(config: RunConfig, node_config: Mapping[str, Any], client_id: str) -> Path:

@@ -42,4 +42,5 @@ def serve(grid: Grid, config: RunConfig, settings: FlowerSettings) -> Path:
     strategy = with_privacy(fedlora, config.privacy, len(server.sample(1, list(nodes))))
     strategy.summary()
     transport = FlowerTransport(grid, fedlora, strategy, server, settings.round_timeout)
-    return session.run(transport, heading=f"fedlora {config.strategy} on Flower: clients {list(nodes)}", progress=False)
+    names = list(nodes) if len(nodes) <= 16 else f"{len(nodes)} ({', '.join(list(nodes)[:3])}, …)"
+    return session.run(transport, heading=f"fedlora {config.strategy} on Flower: clients {names}", progress=False)
