@@ -12,9 +12,9 @@ Every configuration runs ``fedlora-opt`` in a fresh Python process of its own (s
 
 * ``fraction``: ``server.fraction = eval.fraction = --fraction`` and nothing else: at 0.01, 1 client trains and 1
   is scored a round at 10 and 100 clients, 10 at 1,000 (a round costs what its sample costs);
-* ``min-sample``: ``server.fraction = --fraction`` with ``server.min_clients = eval.clients = --sampled`` (Flower's
-  ``min_fit_clients``/``min_evaluate_clients``): 10 clients train and 10 are scored a round at every ``N`` up to
-  1,000, so what changes is the federation's size alone.
+* ``min-sample``: ``server.fraction = --fraction`` with ``server.min_clients = eval.clients = --sampled``
+  (``server.min_clients`` is the least sample, as Flower's ``min_fit_clients``): 10 clients train and 10 are scored
+  a round at every ``N`` up to 1,000, so what changes is the federation's size alone.
 
 Engines (``--engines``):
 
