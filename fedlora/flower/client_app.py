@@ -1,8 +1,8 @@
 """The Flower ClientApp: one SuperNode's client, running fedlora's :class:`~fedlora.federated.client.FederatedClient`.
 
 A SuperNode starts a fresh ClientApp process for every message, so each handler builds the node (model, adapter,
-data; see :mod:`fedlora.flower.node`) and reads the client's state of the round the message names from the node's
-disk:
+data; see :mod:`fedlora.flower.node`; a simulation worker serving many nodes builds them once per run) and reads the
+client's state of the round the message names from the node's disk:
 
 * ``query``: reply the node's client id (the server maps nodes to clients with it);
 * ``train``: load the received shared tensors, run :meth:`FederatedClient.fit <fedlora.federated.client.FederatedClient.fit>`,
