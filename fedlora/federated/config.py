@@ -100,12 +100,12 @@ class ServerSettings(Section):
     (the math is in ``aggregation``).
 
     Each round samples ``fraction`` of the clients and at least ``min_clients`` (all when the federation has fewer;
-    see :mod:`fedlora.federated.sampling`), as Flower's ``fraction_fit`` and ``min_fit_clients`` do. The server rejects a client's result (logs why
-    and leaves it out of the round; the run writes a ``"status": "rejected"`` train row) when its tensors are not
-    exactly the shared set, differ in shape or dtype, hold NaN or Inf, or its update norm ‖yᵢ − x_t‖₂ (over all
-    shared tensors) exceeds ``max_update_norm`` (None: no limit). The default is far above what local training
-    produces (Adam moves each element by about lr per step: roughly lr · steps · √(shared elements) in all), so it
-    only stops diverged or garbage updates. A round with
+    see :mod:`fedlora.federated.sampling`), as Flower's ``fraction_fit`` and ``min_fit_clients`` do. The server
+    rejects a client's result (logs why and leaves it out of the round; the run writes a ``"status": "rejected"``
+    train row) when its tensors are not exactly the shared set, differ in shape or dtype, hold NaN or Inf, or its
+    update norm ‖yᵢ − x_t‖₂ (over all shared tensors) exceeds ``max_update_norm`` (None: no limit). The default is
+    far above what local training produces (Adam moves each element by about lr per step: roughly
+    lr · steps · √(shared elements) in all), so it only stops diverged or garbage updates. A round with
     fewer than ``min_clients`` valid results (failed and rejected clients alike count against it) raises and commits
     nothing, so ``--resume`` retries it. Each update may be clipped to norm ``clip_norm`` (None: no clipping), then
     ``aggregator`` (a name in :data:`~fedlora.federated.aggregation.AGGREGATORS`) combines them; ``trimmed-mean``

@@ -24,8 +24,8 @@ class RoundError(RuntimeError):
 class FederatedServer:
     """Holds the global shared tensors x_t and updates them from the clients' :class:`FitRes` messages.
 
-    Each round it samples ``max(round(fraction · N), min_clients)`` of the N clients (all when fewer) (seeded by the run seed and the round) and sends
-    them x_t. From their replies it keeps those that pass :meth:`validate`, turns each into an update Δᵢ = yᵢ − x_t
+    Each round it samples ``max(round(fraction · N), min_clients)`` of the N clients (all of them when N is fewer),
+    seeded by the run seed and the round, and sends them x_t. From their replies it keeps those that pass :meth:`validate`, turns each into an update Δᵢ = yᵢ − x_t
     (clipped to ``settings.clip_norm`` if set) and combines them into Δ_t with ``settings.aggregator`` (with
     ``privacy`` enabled: DP-FedAvg's clipped, noised, unweighted mean), then sets x_{t+1} = server_optimizer(x_t, Δ_t)
     (see :mod:`fedlora.federated.aggregation` and :mod:`fedlora.federated.privacy`). It never sees personal tensors:
