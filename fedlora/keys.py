@@ -53,7 +53,7 @@ KEY_HELP = {
     "client.global_lr": "fedlora-opt: learning rate of the shared tensors",
     "server.optimizer": "server optimizer applied to the aggregated update",
     "server.lr": "server learning rate",
-    "server.fraction": "fraction of clients sampled each round (at least one)",
+    "server.fraction": "fraction of clients sampled each round (at least server.min_clients)",
     "server.momentum": "fedavgm: momentum",
     "server.beta1": "fedadam, fedyogi: first-moment decay",
     "server.beta2": "fedadam, fedyogi: second-moment decay",
