@@ -150,7 +150,7 @@ class FederatedClient:
         state.personal = self.snapshot(self.kept_names)
         state.optimizer_state = local.state_dict() if local is not None else None
         state.last_round = ins.round
-        return FitRes(state.client_id, sent, len(state.data.train), metrics)
+        return FitRes(state.client_id, sent, state.data.num_train_examples, metrics)
 
     def evaluate(
         self, state: ClientState | None, shared: Mapping[str, Tensor], datasets: Mapping[str, Dataset]
